@@ -1,0 +1,245 @@
+"""The typed run configuration: the YAML schema, validated once at load time.
+
+A config names a model, a corpus and an evaluation protocol. It is read with ``yaml.safe_load``,
+changed by dotted ``KEY=VALUE`` overrides, and validated by pydantic with unknown keys rejected.
+Every problem is collected into one ``ConfigError`` whose message names each key at fault.
+
+Fields left ``None`` take the protocol's customary value (see ``protocols.py``), so a config says
+only what differs from the protocol it names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .windows import BosPolicy
+
+PROTOCOLS = ("sliding", "gptq", "llamacpp", "lm-eval", "paloma")
+Protocol = Literal["sliding", "gptq", "llamacpp", "lm-eval", "paloma"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """Which model to load, and how."""
+
+    name_or_path: str = Field(
+        description="Hub id, local folder, or 'pkg:PACKAGE' for a folder inside an installed package."
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (dequantized on load).")
+    tokenizer: str | None = Field(None, description="Tokenizer source if not the model's own.")
+    revision: str | None = None
+    dtype: Dtype = Field("float32", description="Weights dtype; log-softmax is always float32.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device_map: str | None = Field(None, description="'auto' spreads a large model over devices (accelerate).")
+    attn_implementation: str | None = Field(None, description="sdpa, eager, ... (transformers' default if unset).")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless set.")
+    allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors/GGUF otherwise.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return v
+
+
+class CorpusConfig(_Section):
+    """Which text to score: a datasets hub id (resolved through a local mirror offline) or a file."""
+
+    dataset: str | None = Field(None, description="datasets hub id, e.g. Salesforce/wikitext.")
+    config: str | None = Field(None, description="Dataset configuration, e.g. wikitext-2-raw-v1.")
+    split: str = "test"
+    text_field: str = "text"
+    domain_field: str | None = Field(None, description="Column naming each document's domain (paloma).")
+    path: str | None = Field(None, description="A local .txt, .jsonl/.json or .parquet file instead of a dataset.")
+    mode: Literal["concat", "documents"] | None = Field(
+        None, description="One stream joined with `join`, or each document on its own."
+    )
+    join: str | None = Field(None, description='String between documents in concat mode (default "\\n\\n").')
+    detokenizer: Literal["none", "wikitext"] | None = None
+    max_documents: int | None = Field(None, gt=0, description="Keep only the first N documents (rows).")
+    max_tokens: int | None = Field(None, gt=0, description="Truncate the token stream after tokenizing.")
+    mirror: str | None = Field(None, description="Mirror folder <id>/<config>/<split>.parquet (default $PPL_CORPUS_MIRROR).")
+    streaming: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CorpusConfig":
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("set exactly one of corpus.dataset or corpus.path")
+        return self
+
+
+class EvalConfig(_Section):
+    """How to window and score the token stream."""
+
+    protocol: Protocol = "sliding"
+    max_length: int | None = Field(None, gt=1, description="Window length L in tokens (default: the protocol's).")
+    stride: int | None = Field(None, gt=0, description="Window step S <= L (sliding); default: the protocol's.")
+    batch_size: Union[int, Literal["auto"]] = Field(1, description="Windows per forward pass, or 'auto'.")
+    bos: BosPolicy | None = Field(None, description="none, stream, every or replace (default: the protocol's).")
+    logits_chunk: int | None = Field(
+        None, gt=0, description="Scored positions per vocabulary-projection chunk (default: sized to the vocabulary)."
+    )
+    sort_by_length: bool = Field(True, description="Batch windows of similar length together (less padding).")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval (0: normal approximation only).")
+    seed: int = 0
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be a positive integer or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> "EvalConfig":
+        if self.max_length is not None and self.stride is not None:
+            capacity = self.max_length - (1 if self.bos == BosPolicy.EVERY else 0)
+            if self.stride > capacity:
+                extra = " (bos=every puts BOS in the window)" if self.bos == BosPolicy.EVERY else ""
+                raise ValueError(
+                    f"stride ({self.stride}) must be <= max_length{' - 1' if extra else ''} ({capacity}){extra}"
+                )
+        return self
+
+
+class OutputConfig(_Section):
+    dir: str = Field("results", description="Where run folders and the results table go.")
+    run_id: str | None = Field(None, description="Run folder name (default: time, model, corpus, config hash).")
+    save_windows: bool = True
+
+
+class RunConfig(_Section):
+    """A whole run: model, corpus, evaluation and output."""
+
+    name: str | None = Field(None, description="A label for the run in tables.")
+    model: ModelConfig
+    baseline_model: ModelConfig | None = Field(None, description="Second model for KL divergence on the same windows.")
+    corpus: CorpusConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """Valid keys at a dotted location of the schema (for 'did you mean' hints)."""
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int) and not str(p).startswith("function-"))
+        # pydantic adds the union member's name ('int', 'literal[...]') to the location
+        loc = tuple(p for p in loc if not p.startswith(("literal[", "int", "str", "bool", "function")))
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            names = _field_names(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], names, n=1)
+            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else (
+                f" (valid keys: {', '.join(names)})" if names else ""
+            )
+            problems.append(f"{key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}")
+    # one message per key is enough (a union reports each member's complaint)
+    seen: dict[str, str] = {}
+    for p in problems:
+        seen.setdefault(p.split(":", 1)[0], p)
+    return list(seen.values())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``eval.stride=512`` -> (['eval', 'stride'], 512); values are YAML scalars or lists."""
+    if "=" not in item:
+        raise ConfigError([f"override '{item}': expected KEY=VALUE, e.g. eval.stride=512"])
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([f"override '{item}': empty key part"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested mapping (a copy); missing sections are created."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError([f"override '{item}': {part} is not a section"])
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def validate(data: Any, source: str | None = None) -> RunConfig:
+    """Validate a mapping into a RunConfig, or raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping with model:, corpus:, eval: (got {type(data).__name__})"], source)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file not found: {p} (check the path; shipped configs are under configs/)"])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError([f"YAML does not parse{where}: {problem} (fix the syntax)"], str(p)) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError([f"not UTF-8 text (byte offset {err.start}); save the file as UTF-8"], str(p)) from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, validate."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(["the top level must be a mapping with model:, corpus:, eval:"], str(path))
+    return validate(apply_overrides(data, overrides or []), str(path))

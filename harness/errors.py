@@ -1,0 +1,23 @@
+"""The one exception type for user mistakes.
+
+Anything the user can fix (a bad config, a missing file, a corpus too short for the protocol)
+raises ``HarnessError`` with one line that names the problem and the fix. The CLI prints that
+line and exits non-zero without a traceback; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class HarnessError(Exception):
+    """A problem the user can fix; ``str(error)`` is the one line shown to them."""
+
+    exit_code = 2
+
+
+class ConfigError(HarnessError):
+    """The configuration is invalid; the message lists every problem found, each naming its key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}invalid config: " + "; ".join(problems))

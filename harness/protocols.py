@@ -1,0 +1,131 @@
+"""Protocol presets: the closed registry of named ways to compute "perplexity on a corpus".
+
+Each preset fixes the corpus form (one concatenated stream or each document on its own), the
+join string, the detokenizer, the BOS policy, the default window length and stride, which
+planner in ``windows.py`` cuts the windows, and what words and bytes are counted on. A config
+names a preset in ``eval.protocol`` and overrides any setting; the resolved ``Settings`` are
+recorded in every result, so two different "wikitext perplexities" never look alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from . import windows as W
+from .config import RunConfig
+from .errors import HarnessError
+from .windows import BosPolicy, Window
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    mode: str  # "concat" or "documents"
+    join: str
+    detokenizer: str
+    bos: Callable[[bool], BosPolicy]  # from "does the tokenizer add BOS by itself"
+    max_length: Callable[[int | None], int]  # from the model's maximum positions
+    stride: Callable[[int], int]  # from the window length
+    counts_on: str  # "scored" text, or the "original" document (lm-eval)
+    uses_prefix: bool = False  # first window of a document is preceded by BOS (or EOS)
+
+
+def _cap(default: int) -> Callable[[int | None], int]:
+    return lambda model_max: min(default, model_max) if model_max else default
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("sliding", "HF guide: strided sliding window over one stream, each token scored once",
+               "concat", "\n\n", "none", lambda adds: BosPolicy.STREAM, _cap(1024), lambda L: L // 2, "scored"),
+        Preset("gptq", "GPTQ/AWQ papers: disjoint windows of L over one stream, tail dropped, first token unscored",
+               "concat", "\n\n", "none", lambda adds: BosPolicy.STREAM, _cap(2048), lambda L: L, "scored"),
+        Preset("llamacpp", "llama-perplexity: chunks of C, BOS replaces each chunk's first token, second half scored",
+               "concat", "\n\n", "none", lambda adds: BosPolicy.REPLACE if adds else BosPolicy.NONE,
+               lambda model_max: 512, lambda L: L, "scored"),
+        Preset("lm-eval", "lm-evaluation-harness wikitext: per-document rolling windows, detokenized, prefix token",
+               "documents", "\n\n", "wikitext", lambda adds: BosPolicy.NONE, lambda m: m or 2048, lambda L: L,
+               "original", uses_prefix=True),
+        Preset("paloma", "Paloma: each document on its own behind BOS, rolling windows of 2048, per-domain PPL",
+               "documents", "\n\n", "none", lambda adds: BosPolicy.NONE, _cap(2048), lambda L: L,
+               "scored", uses_prefix=True),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that decides which tokens are scored with which context; recorded in results."""
+
+    protocol: str
+    max_length: int
+    stride: int
+    bos: str
+    mode: str
+    join: str
+    detokenizer: str
+    add_special_tokens: bool
+    counts_on: str
+    prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:
+    """Fill every setting the config left unset from the preset; check it fits the model."""
+    preset = PRESETS[cfg.eval.protocol]
+    L = cfg.eval.max_length or preset.max_length(model_max)
+    if model_max and L > model_max:
+        raise HarnessError(
+            f"eval.max_length: {L} is larger than the model's {model_max} positions; set eval.max_length <= {model_max}"
+        )
+    bos = cfg.eval.bos or preset.bos(tokenizer_adds_bos)
+    stride = cfg.eval.stride or preset.stride(L)
+    if preset.name == "sliding":
+        stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
+    return Settings(
+        protocol=preset.name,
+        max_length=L,
+        stride=stride,
+        bos=bos.value,
+        mode=cfg.corpus.mode or preset.mode,
+        join=cfg.corpus.join if cfg.corpus.join is not None else preset.join,
+        detokenizer=cfg.corpus.detokenizer or preset.detokenizer,
+        # 'stream' and 'replace' keep the tokenizer's own special tokens; 'none' and 'every' do not
+        add_special_tokens=bos in (BosPolicy.STREAM, BosPolicy.REPLACE) and not preset.uses_prefix,
+        counts_on=preset.counts_on,
+        prefix_token="bos" if preset.uses_prefix else None,
+    )
+
+
+def plan(settings: Settings, lengths: list[int]) -> list[Window]:
+    """The windows for streams of the given lengths (one per document), numbered globally."""
+    out: list[Window] = []
+    bos = BosPolicy(settings.bos)
+    L, S = settings.max_length, settings.stride
+    for doc, n in enumerate(lengths):
+        try:
+            if settings.protocol == "sliding":
+                ws = W.plan_sliding(n, L, S, bos, doc)
+            elif settings.protocol == "gptq":
+                ws = W.plan_disjoint(n, L, bos, doc)
+            elif settings.protocol == "llamacpp":
+                ws = W.plan_llamacpp(n, L, bos == BosPolicy.REPLACE, doc)
+            elif settings.protocol == "lm-eval":
+                ws = W.plan_rolling(n, L, doc)
+            elif settings.protocol == "paloma":
+                ws = W.plan_paloma(n, L, doc)
+            else:  # the config schema only admits the names above
+                raise AssertionError(settings.protocol)
+        except ValueError as err:
+            raise HarnessError(f"eval: {err}") from None
+        out.extend(W.renumber(ws, len(out)))
+    if not out:
+        raise HarnessError(
+            f"corpus: too short for one scored window of {settings.protocol} (max_length {L}); use more text or a smaller eval.max_length"
+        )
+    return out

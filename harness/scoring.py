@@ -1,0 +1,162 @@
+"""Scoring: a batch of windows through the model, to the NLL of every scored token.
+
+The expensive part of a language model's output is the vocabulary projection: float32 logits
+for every position of a batch are ``batch x length x vocabulary`` floats (17 GB for Gemma-3 at
+8 x 2048). We never make them. The model body runs once to hidden states; only the hidden
+states at *scored* positions go through the output head, in chunks of ``logits_chunk``
+positions, and each chunk's log-softmax is taken in float32 and reduced to one NLL per token at
+once. Sums are kept in float64 by the caller.
+
+Windows are right-padded to the longest in the batch; under a causal mask a real position never
+attends to a later pad, so padding cannot change any number (the tests hold it to that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import HarnessError
+from .tokens import TokenStream
+from .windows import Window
+
+# Model families whose causal-LM head is exactly ``lm_head(base_model(x).last_hidden_state)``,
+# optionally followed by Gemma's final-logit soft-capping. Others take the plain logits path.
+HEAD_ONLY_FAMILIES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+    "gemma3", "gemma3_text", "phi3", "olmo", "olmo2", "smollm3", "gpt2", "gpt_neox", "starcoder2",
+}
+
+LOGITS_BUDGET = 2**25  # float32 logits per chunk (128 MiB): positions per chunk = budget // vocab
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T], None when no row is padded
+    rows: torch.Tensor  # [M] batch row of each scored token
+    cols: torch.Tensor  # [M] input position whose logit predicts it
+    targets: torch.Tensor  # [M] token id
+    counts: list[int]  # scored tokens per window, in batch order
+
+
+def build_batch(windows: list[Window], streams: list[TokenStream], bos_id: int | None, prefix_id: int | None, pad_id: int) -> Batch:
+    """Token ids for each window (prefix / BOS replacement applied) and where its targets are."""
+    seqs, rows, cols, targets, counts = [], [], [], [], []
+    for r, w in enumerate(windows):
+        ids = streams[w.doc].ids
+        seq = ids[w.begin : w.end].copy()
+        if w.replace_first:
+            seq[0] = bos_id
+        if w.prefix:
+            seq = np.concatenate([[prefix_id], seq])
+        seqs.append(seq)
+        k0 = w.first_target_offset
+        n = w.scored
+        rows.append(np.full(n, r))
+        cols.append(np.arange(k0, k0 + n))
+        targets.append(ids[w.score_begin : w.score_end])
+        counts.append(n)
+    width = max(len(s) for s in seqs)
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = s
+        mask[r, : len(s)] = 1
+    return Batch(
+        torch.from_numpy(input_ids),
+        None if mask.all() else torch.from_numpy(mask),
+        torch.from_numpy(np.concatenate(rows)),
+        torch.from_numpy(np.concatenate(cols)),
+        torch.from_numpy(np.concatenate(targets)),
+        counts,
+    )
+
+
+def uses_head_path(model) -> bool:
+    return getattr(model.config, "model_type", None) in HEAD_ONLY_FAMILIES and model.get_output_embeddings() is not None
+
+
+def input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def scored_hidden(model, batch: Batch) -> torch.Tensor:
+    """Final hidden states at the scored positions only: [M, H]."""
+    dev = input_device(model)
+    out = model.base_model(
+        input_ids=batch.input_ids.to(dev, non_blocking=True),
+        attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(dev, non_blocking=True),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    return hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Output head on some hidden states, as float32 logits (soft-capped where the model does)."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.device)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def chunk_size(model, logits_chunk: int | None) -> int:
+    if logits_chunk:
+        return logits_chunk
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(16, LOGITS_BUDGET // vocab)
+
+
+def log_probs_chunks(model, batch: Batch, logits_chunk: int | None = None):
+    """Yield (slice, float32 log-probabilities [m, V]) over the scored positions, in chunks."""
+    if uses_head_path(model):
+        hidden = scored_hidden(model, batch)
+        step = chunk_size(model, logits_chunk)
+        for s in range(0, hidden.shape[0], step):
+            yield slice(s, s + step), torch.log_softmax(head_logits(model, hidden[s : s + step]), dim=-1)
+    else:  # unknown head: the model's own logits, gathered at scored positions
+        dev = input_device(model)
+        logits = model(
+            input_ids=batch.input_ids.to(dev),
+            attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(dev),
+            use_cache=False,
+        ).logits
+        picked = logits[batch.rows.to(logits.device), batch.cols.to(logits.device)].float()
+        yield slice(0, picked.shape[0]), torch.log_softmax(picked, dim=-1)
+
+
+@torch.inference_mode()
+def token_nlls(model, batch: Batch, logits_chunk: int | None = None) -> np.ndarray:
+    """Negative log-likelihood (nats, float32 log-softmax) of every scored token in the batch."""
+    out = torch.empty(batch.targets.shape[0], dtype=torch.float32)
+    targets = batch.targets
+    if uses_head_path(model):
+        hidden = scored_hidden(model, batch)
+        step = chunk_size(model, logits_chunk)
+        for s in range(0, hidden.shape[0], step):
+            logits = head_logits(model, hidden[s : s + step])
+            t = targets[s : s + step].to(logits.device)
+            # -log softmax(x)[t] = logsumexp(x) - x[t]: no [m, V] log-prob tensor needed
+            nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None])[:, 0]
+            out[s : s + step] = nll.cpu()
+    else:
+        for sl, logp in log_probs_chunks(model, batch, logits_chunk):
+            t = targets[sl].to(logp.device)
+            out[sl] = -logp.gather(1, t[:, None])[:, 0].cpu()
+    return out.numpy()
+
+
+def check_finite(nlls: np.ndarray, windows: list[Window], counts: list[int]) -> None:
+    if np.isfinite(nlls).all():
+        return
+    bad = int(np.flatnonzero(~np.isfinite(nlls))[0])
+    w = windows[int(np.searchsorted(np.cumsum(counts), bad, side="right"))]
+    raise HarnessError(
+        f"non-finite log-probability in window {w.index} (doc {w.doc}, input [{w.begin}, {w.end}), "
+        f"scored [{w.score_begin}, {w.score_end})); the model produced NaN/inf, try model.dtype=float32"
+    )

@@ -38,9 +38,10 @@ def run_cmd(
 ):
     """Evaluate one config and write its result record; print a short summary."""
     from .config import load_config
-    from .runner import run
 
     cfg = load_config(config, overrides or [])
+    from .runner import run  # heavy imports (torch, transformers) only once the config is valid
+
     result = run(cfg, output_dir, progress=progress)
     if result.run_dir is None:
         return  # not the main process

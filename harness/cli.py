@@ -92,7 +92,7 @@ def models_cmd(configs: List[Path] = typer.Argument(None, help="Configs whose mo
     from .config import load_config
     from .models import PKG_PREFIX, prepare_packaged_model
 
-    paths = configs or sorted(Path("configs").glob("**/*.yaml"))
+    paths = configs or sorted(Path("configs").glob("*.yaml"))
     done = set()
     for c in paths:
         cfg = load_config(c)

@@ -1,0 +1,85 @@
+"""Corpora: the mirror, local files in three formats, joining, and the wikitext detokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from harness.config import CorpusConfig
+from harness.corpus import concatenate, load_documents, wikitext_detokenize
+from harness.errors import HarnessError
+
+from .conftest import MIRROR, WIKITEXT
+
+
+def test_mirror_gives_the_documented_wikitext2_text():
+    docs = load_documents(CorpusConfig(**WIKITEXT))
+    assert len(docs) == 4358
+    text = concatenate(docs, "\n\n").text
+    # the mirror README's figures: 1,296,370 UTF-8 bytes and this sha256
+    assert len(text.encode("utf-8")) == 1_296_370
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
+
+
+def test_document_level_mirror_and_max_documents():
+    cfg = CorpusConfig(dataset="EleutherAI/wikitext_document_level", config="wikitext-2-raw-v1", split="test", text_field="page")
+    docs = load_documents(cfg)
+    assert len(docs) == 62 and sum(len(d.text) for d in docs) == 1_288_493
+    assert len(load_documents(cfg.model_copy(update={"max_documents": 5}))) == 5
+
+
+def test_explicit_mirror_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("PPL_CORPUS_MIRROR")
+    monkeypatch.chdir(tmp_path)  # no ../shared/corpora from here
+    with pytest.raises(HarnessError, match="not in the mirror"):
+        load_documents(CorpusConfig(**WIKITEXT))
+    docs = load_documents(CorpusConfig(**WIKITEXT, mirror=str(MIRROR)))
+    assert len(docs) == 4358
+
+
+def test_text_jsonl_and_parquet_files_agree(tmp_path):
+    rows = ["first document .", "second one , with @-@ marks", "third"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": r, "src": "a"}) + "\n" for r in rows))
+    pq.write_table(pa.table({"text": rows}), tmp_path / "c.parquet")
+    (tmp_path / "c.txt").write_text("\n\n".join(rows))
+    jsonl = load_documents(CorpusConfig(path=str(tmp_path / "c.jsonl")))
+    parquet = load_documents(CorpusConfig(path=str(tmp_path / "c.parquet")))
+    txt = load_documents(CorpusConfig(path=str(tmp_path / "c.txt")))
+    assert [d.text for d in jsonl] == [d.text for d in parquet] == rows
+    assert len(txt) == 1 and txt[0].text == concatenate(jsonl, "\n\n").text
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(HarnessError, match="line 2 is not valid JSON"):
+        load_documents(CorpusConfig(path=str(tmp_path / "c.jsonl")))
+
+
+def test_wikitext_detokenizer_rules():
+    # each rule of PROTOCOLS.md section 4, written out by hand
+    cases = {
+        "a @-@ b": "a-b",
+        "1 @,@ 000": "1,000",
+        "3 @.@ 5": "3.5",
+        "end . Next": "end. Next",
+        "x , y ; z : w ! v ? u": "x, y; z: w! v? u",
+        "( inside )": "(inside)",
+        "[ a ]": "[a]",
+        '" quoted "': '"quoted"',
+        "= = = Title = = =": "=== Title ===",
+        "= = Sub = =": "== Sub ==",
+        "20 \u00b0 C": "20\u00b0C",
+        "line \n next": "line\nnext",
+        "the N rule": "the 1 rule",
+        "Teddy 's": "Teddy's",
+        "the players ' union": "the players' union",
+    }
+    for raw, expected in cases.items():
+        assert wikitext_detokenize(raw) == expected, raw
+    detok = load_documents(CorpusConfig(path=None, dataset="EleutherAI/wikitext_document_level", config="wikitext-2-raw-v1",
+                                        text_field="page", detokenizer="wikitext", max_documents=1))[0]
+    assert " @-@ " in detok.original and " @-@ " not in detok.text

@@ -94,6 +94,9 @@ class EvalConfig(_Section):
     sort_by_length: bool = Field(True, description="Batch windows of similar length together (less padding).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval (0: normal approximation only).")
     seed: int = 0
+    rescale_tokens: int | None = Field(
+        None, gt=0, description="Also report exp(sum_nll / N) for this original token count N (GPT-2 paper style)."
+    )
 
     @field_validator("batch_size")
     @classmethod

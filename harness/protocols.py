@@ -122,6 +122,10 @@ def plan(settings: Settings, lengths: list[int]) -> list[Window]:
             else:  # the config schema only admits the names above
                 raise AssertionError(settings.protocol)
         except ValueError as err:
+            if settings.protocol == "llamacpp" and "2×ctx" in str(err):
+                raise HarnessError(
+                    f"corpus: {err} (eval.max_length is ctx); use more text or a smaller eval.max_length"
+                ) from None
             raise HarnessError(f"eval: {err}") from None
         out.extend(W.renumber(ws, len(out)))
     if not out:

@@ -227,7 +227,7 @@ def test_smollm2_sliding(smollm2):
     model, tok = smollm2
     ids = _wikitext_stream(tok, 300, special=True)
     ref_sum, ref_n, ref_w = sliding_reference(model, ids, 128, 64, "stream", tok.bos_token_id)
-    cfg = _smol_cfg({**WIKITEXT, "max_tokens": 300}, protocol="sliding", max_length=128)
+    cfg = _smol_cfg({**WIKITEXT, "max_documents": 40, "max_tokens": 300}, protocol="sliding", max_length=128)
     for res in _each_batch(cfg, model, tok, SMOL_BATCHES):
         assert (res.scored_tokens, res["windows"]) == (ref_n, ref_w) == (299, 4)
         assert _close(res["sum_nll"], ref_sum)
@@ -237,7 +237,7 @@ def test_smollm2_gptq(smollm2):
     model, tok = smollm2
     ids = _wikitext_stream(tok, 400, special=True)
     ref_sum, ref_n, ref_w = gptq_reference(model, ids, 128)
-    cfg = _smol_cfg({**WIKITEXT, "max_tokens": 400}, protocol="gptq", max_length=128)
+    cfg = _smol_cfg({**WIKITEXT, "max_documents": 40, "max_tokens": 400}, protocol="gptq", max_length=128)
     for res in _each_batch(cfg, model, tok, SMOL_BATCHES):
         assert (res.scored_tokens, res["windows"]) == (ref_n, ref_w) == (3 * 127, 3)
         assert _close(res["sum_nll"], ref_sum)
@@ -247,7 +247,7 @@ def test_smollm2_llamacpp(smollm2):
     model, tok = smollm2
     ids = _wikitext_stream(tok, 400, special=False)  # SmolLM2 does not add BOS: nothing replaced
     ref = llamacpp_reference(model, ids, 128, add_bos=False, bos_id=None)
-    cfg = _smol_cfg({**WIKITEXT, "max_tokens": 400}, protocol="llamacpp", max_length=128)
+    cfg = _smol_cfg({**WIKITEXT, "max_documents": 40, "max_tokens": 400}, protocol="llamacpp", max_length=128)
     for res in _each_batch(cfg, model, tok, SMOL_BATCHES):
         assert res["protocol"]["bos"] == "none"
         assert (res.scored_tokens, res["windows"]) == (ref["count"], ref["windows"]) == (3 * 63, 3)
@@ -302,3 +302,16 @@ def test_smollm2_paloma(smollm2, tmp_path):
         assert _close(res["domains"]["macro_perplexity"], macro)
         for name, (s, n) in per.items():
             assert _close(res["domains"]["per_domain"][name]["perplexity"], math.exp(s / n))
+
+
+@pytest.mark.parametrize("protocol, bos, message", [
+    ("lm-eval", "none", "always puts the prefix token"),
+    ("paloma", "every", "always puts the prefix token"),
+    ("llamacpp", "every", "never prepends it"),
+])
+def test_bos_policies_a_protocol_cannot_honour_are_refused(tiny, tiny_corpus, protocol, bos, message):
+    folder, model, tok = tiny
+    cfg = tiny_config(folder, tiny_corpus)
+    cfg["eval"] = {"protocol": protocol, "max_length": 16, "bos": bos}
+    with pytest.raises(HarnessError, match=message):
+        _run(cfg, model, tok)

@@ -1,4 +1,4 @@
-"""Protocol presets: the closed registry of named ways to compute "perplexity on a corpus".
+r"""Protocol presets: the closed registry of named ways to compute "perplexity on a corpus".
 
 Each preset fixes the corpus form (one concatenated stream or each document on its own), the
 join string, the detokenizer, the BOS policy, the default window length and stride, which

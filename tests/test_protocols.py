@@ -315,3 +315,16 @@ def test_bos_policies_a_protocol_cannot_honour_are_refused(tiny, tiny_corpus, pr
     cfg["eval"] = {"protocol": protocol, "max_length": 16, "bos": bos}
     with pytest.raises(HarnessError, match=message):
         _run(cfg, model, tok)
+
+
+def test_lm_eval_counts_follow_documents_past_an_empty_one(tiny, tmp_path):
+    """An empty document has no tokens and no windows; the original-text counts of the
+    documents after it must still land on their own windows."""
+    folder, model, tok = tiny
+    pages = ["", "The river rises in the hills , flows east .", "A bridge ( the first one ) over it ."]
+    path = tmp_path / "pages.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in pages))
+    cfg = {**tiny_config(folder, path), "eval": {"protocol": "lm-eval", "max_length": 16, "bootstrap": 0}}
+    res = _run(cfg, model, tok)
+    w = res.windows.groupby("doc")[["words", "bytes"]].sum()
+    assert [tuple(w.loc[d]) for d in sorted(w.index)] == [lm_eval_counts(p) for p in pages[1:]]

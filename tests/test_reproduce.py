@@ -37,7 +37,10 @@ def test_registry_loads_and_carries_the_published_figures():
 
 
 def test_shipped_run_configs_validate():
-    load_config("configs/smollm2-wikitext2-documents.yaml")
+    from .conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "smollm2-wikitext2-documents.yaml")
+    assert (cfg.eval.protocol, cfg.eval.max_length, cfg.corpus.text_field) == ("lm-eval", 2048, "page")
 
 
 def test_unknown_entry_is_one_line_error():

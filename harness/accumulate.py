@@ -125,6 +125,31 @@ def metrics(s: Sums) -> dict:
     }
 
 
+def running_perplexity(records: list[WindowRecord]) -> list[float]:
+    """Perplexity of everything scored up to and including each window, in plan order.
+
+    llama-perplexity prints this after every chunk (``[1]4.13,[2]4.87,...``): window ``k`` gets
+    ``exp(sum of sum_nll over windows 0..k / sum of tokens over windows 0..k)``.
+    """
+    order = sorted(range(len(records)), key=lambda i: records[i].index)
+    nll = np.cumsum([records[i].sum_nll for i in order], dtype=np.float64)
+    tok = np.cumsum([records[i].tokens for i in order], dtype=np.float64)
+    out = [0.0] * len(records)
+    for rank, i in enumerate(order):
+        out[i] = _exp(nll[rank] / tok[rank]) if tok[rank] else float("nan")
+    return out
+
+
+def rescaled(sum_nll: float, n_tokens: int | None) -> float | None:
+    """``exp(sum_nll / n_tokens)`` for a token count the corpus was *originally* measured in.
+
+    The GPT-2 paper scored WikiText with its own byte-level tokens but divided the NLL by the
+    dataset's original word-level token count (245,569 for WikiText-2 test), which makes the
+    number comparable with word-level models of the time. ``None`` when no count is given.
+    """
+    return _exp(sum_nll / n_tokens) if n_tokens else None
+
+
 def bootstrap_ci(nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int, level: float = 0.95) -> list[float] | None:
     """Percentile bootstrap of the perplexity over units (documents or windows).
 

@@ -54,6 +54,9 @@ def run_cmd(
         ("scored tokens", f"{r['scored_tokens']:,} in {r['windows']:,} windows"),
         ("bits per byte", f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a"),
         ("word perplexity", f"{r['word_perplexity']:.4f}" if r["word_perplexity"] is not None else "n/a"),
+        *([("llama.cpp", f"PPL = {r['perplexity']:.4f} +/- {r['perplexity_pm']:.5f}")] if p["protocol"] == "llamacpp" else []),
+        *([("macro perplexity", f"{r['domains']['macro_perplexity']:.4f} over {r['domains']['domains']} domains")] if r.get("domains") else []),
+        *([("rescaled", f"{r['rescaled_perplexity']:.4f}")] if r.get("rescaled_perplexity") is not None else []),
         ("tokens/s", f"{r['tokens_per_second']:.1f}"),
         ("wall time", f"{r['wall_seconds']:.1f} s"),
         ("peak memory", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"),
@@ -102,6 +105,33 @@ def models_cmd(configs: List[Path] = typer.Argument(None, help="Configs whose mo
                 done.add(key)
                 folder = prepare_packaged_model(m.name_or_path[len(PKG_PREFIX):], m.gguf_file)
                 typer.echo(f"ready: {m.name_or_path} {m.gguf_file or ''} -> {folder}")
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    names: Optional[List[str]] = typer.Argument(None, help="Entries to run (file stems under configs/reproduce/); default all."),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="Folder of entries (default configs/reproduce/)."),
+    list_only: bool = typer.Option(False, "--list", help="List the entries and whether they can run here; run nothing."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Also write each run's record to DIR/<entry>/."),
+    progress: bool = typer.Option(False, help="Show a progress bar per run."),
+):
+    """Re-run published perplexity figures; print expected, got, difference and status.
+
+    Entries whose model cannot be loaded here (e.g. a hub model not cached while offline) are
+    skipped with the reason. Exits 1 when an entry that ran is out of tolerance or failed.
+    """
+    from . import reproduce as R
+
+    if list_only:
+        entries = R.select(R.load_entries(registry), names)
+        for name, e in entries.items():
+            why = R.unavailable(e)
+            typer.echo(f"{name:<36} {e.metric:<20} {e.expected:<10g} {'runs here' if why is None else 'skipped: ' + why}")
+        return
+    rows = R.reproduce(names, registry, progress=progress, output_dir=output_dir)
+    typer.echo(R.format_table(rows))
+    if any(r.status in ("FAIL", "error") for r in rows):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -67,7 +67,9 @@ class CorpusConfig(_Section):
         None, description="One stream joined with `join`, or each document on its own."
     )
     join: str | None = Field(None, description='String between documents in concat mode (default "\\n\\n").')
-    detokenizer: Literal["none", "wikitext"] | None = None
+    detokenizer: Literal["none", "wikitext", "wikitext-raw"] | None = Field(
+        None, description="wikitext: lm-eval's detokenizer; wikitext-raw: rows back to wiki.*.raw lines (join '')."
+    )
     max_documents: int | None = Field(None, gt=0, description="Keep only the first N documents (rows).")
     max_tokens: int | None = Field(None, gt=0, description="Truncate the token stream after tokenizing.")
     mirror: str | None = Field(None, description="Mirror folder <id>/<config>/<split>.parquet (default $PPL_CORPUS_MIRROR).")
@@ -94,6 +96,9 @@ class EvalConfig(_Section):
     sort_by_length: bool = Field(True, description="Batch windows of similar length together (less padding).")
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval (0: normal approximation only).")
     seed: int = 0
+    rescale_tokens: int | None = Field(
+        None, gt=0, description="Also report exp(sum_nll / N) for this original token count N (GPT-2 paper style)."
+    )
 
     @field_validator("batch_size")
     @classmethod

@@ -72,7 +72,17 @@ def wikitext_detokenize(text: str) -> str:
     return text
 
 
-DETOKENIZERS = {"none": None, "wikitext": wikitext_detokenize}
+def wikitext_raw_line(row: str) -> str:
+    """A row of ``Salesforce/wikitext`` back to its line of the released ``wiki.*.raw`` file.
+
+    The dataset keeps every line with its newline but turns whitespace-only lines (``" \\n"`` in
+    the file) into ``""``; with ``corpus.join: ""`` the rows then concatenate to the file that
+    ``llama-perplexity -f wiki.test.raw`` reads.
+    """
+    return row if row else " \n"
+
+
+DETOKENIZERS = {"none": None, "wikitext": wikitext_detokenize, "wikitext-raw": wikitext_raw_line}
 
 
 # ---------------------------------------------------------------------------------------------

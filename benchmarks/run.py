@@ -27,14 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.cases import CASES, REPO, Case  # noqa: E402
 
-# Perplexities of two tools on the same tokens agree to float32 rounding (different kernels,
-# padding, reduction order); anything larger is a real disagreement.
-AGREE_REL = 1e-5
-LMEVAL_VENV = REPO / ".venv-lmeval" / "bin" / "python"
+# Perplexities of two tools on the same tokens agree to float32 rounding; anything larger is a
+# real disagreement. The bound is set by the other tools, not the harness: on SmolLM2's first
+# 1,536 tokens the HF loop's float32 cross-entropy gives sum NLL 4276.0635, a float64 reference
+# 4276.0878, the harness 4276.0878 (PPL 1.6e-5 apart between the loop and the harness).
+AGREE_REL = 1e-4
+LMEVAL_VENV = REPO / ".venv-bench" / "bin" / "python"
 
 
 def lm_eval_python() -> str | None:
-    """A Python that has lm_eval: this one, $PPL_BENCH_LMEVAL_PYTHON, or .venv-lmeval (make bench-env)."""
+    """A Python that has lm_eval: this one, $PPL_BENCH_LMEVAL_PYTHON, or .venv-bench (make bench-env)."""
     if importlib.util.find_spec("lm_eval") is not None:
         return sys.executable
     for cand in (os.environ.get("PPL_BENCH_LMEVAL_PYTHON"), str(LMEVAL_VENV)):
@@ -65,19 +67,25 @@ def bench_case(case: Case, lm_python: str | None) -> list[dict]:
         row = {"case": case.name, "tool": tool}
         if python is None:
             rows.append({**row, "note": "lm_eval not installed (make bench-env)"})
-            print(f"[{case.name}] lm_eval not installed: skipped (make bench-env installs it in .venv-lmeval)")
+            print(f"[{case.name}] lm_eval not installed: skipped (make bench-env installs it in .venv-bench)")
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out.json"
             print(f"[{case.name}] {tool} ...", flush=True)
             rc, wall, peak = run_child(python, [tool, json.dumps(dataclasses.asdict(case)), str(out)])
-            if rc != 0:
-                raise SystemExit(f"[{case.name}] {tool} failed (exit {rc})")
+            if rc != 0:  # keep going: the other tools' figures are still worth having
+                print(f"[{case.name}] {tool} failed (exit {rc})")
+                rows.append({**row, "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": f"failed (exit {rc})"})
+                continue
             got = json.loads(out.read_text())
         if case.protocol != "lm-eval":
             got.pop("word_perplexity", None)  # the HF loop has no word counts; token PPL is the number
         rows.append({**row, **got, "tokens_per_s": got["scored_tokens"] / got["score_s"], "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": ""})
-    check_agreement(case, [r for r in rows if "sum_nll" in r])
+    problem = check_agreement(case, [r for r in rows if "sum_nll" in r])
+    if problem:
+        print(f"[{case.name}] {problem}")
+        for r in rows:
+            r["note"] = (r.get("note") or "") + f" DISAGREE: {problem}"
     ref = next((r for r in rows if r["tool"] != "harness" and "tokens_per_s" in r), None)
     for r in rows:
         if ref and "tokens_per_s" in r:
@@ -87,14 +95,16 @@ def bench_case(case: Case, lm_python: str | None) -> list[dict]:
     return rows
 
 
-def check_agreement(case: Case, rows: list[dict]) -> None:
+def check_agreement(case: Case, rows: list[dict]) -> str | None:
+    """None when every tool scored the same tokens to the same perplexity; else what differs."""
     keys = ["perplexity"] + (["word_perplexity"] if case.protocol == "lm-eval" else [])
     for a in rows[1:]:
         if a["scored_tokens"] != rows[0]["scored_tokens"]:
-            raise SystemExit(f"[{case.name}] {a['tool']} scored {a['scored_tokens']} tokens, harness {rows[0]['scored_tokens']}")
+            return f"{a['tool']} scored {a['scored_tokens']} tokens, harness {rows[0]['scored_tokens']}"
         for k in keys:
             if not math.isclose(a[k], rows[0][k], rel_tol=AGREE_REL):
-                raise SystemExit(f"[{case.name}] {k} disagrees: harness {rows[0][k]!r}, {a['tool']} {a[k]!r}")
+                return f"{k}: harness {rows[0][k]!r}, {a['tool']} {a[k]!r}"
+    return None
 
 
 def verdict(case: Case, harness: dict, ref: dict | None) -> str:
@@ -166,6 +176,8 @@ def main() -> None:
     table = write_outputs(rows, args.out)
     print(table)
     print(f"written: {args.out / 'bench.csv'}, bench.md, bench.png")
+    if any(("DISAGREE" in (r.get("note") or "")) or ("failed" in (r.get("note") or "")) for r in rows):
+        raise SystemExit("a tool failed or perplexities disagree (see the note column)")
 
 
 if __name__ == "__main__":

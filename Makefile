@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 RUN_CONFIG ?= configs/smollm2-wikitext2.yaml
 RUN_ARGS   ?= corpus.max_tokens=24576
 
-.PHONY: setup models run test bench clean
+.PHONY: setup models run test bench bench-env clean
 
 setup: $(VENV)/.setup-done
 
@@ -41,8 +41,21 @@ run: setup
 test: models
 	$(PY) -m pytest
 
+# BENCH_ARGS: --scale N (bigger token slices), --only TEXT (some cases); see benchmarks/run.py
+BENCH_ARGS ?=
 bench: models
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# lm-evaluation-harness for `make bench`, in its own venv: it pins versions the harness's venv
+# does not share (python-dateutil < 3), so it never changes .venv
+BENCH_VENV := .venv-bench
+bench-env: $(BENCH_VENV)/.setup-done
+
+$(BENCH_VENV)/.setup-done: pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PY_SYS) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q -e '.[bench]'
+	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .cache/bench-models

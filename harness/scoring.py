@@ -9,6 +9,12 @@ once. Sums are kept in float64 by the caller.
 
 Windows are right-padded to the longest in the batch; under a causal mask a real position never
 attends to a later pad, so padding cannot change any number (the tests hold it to that).
+
+On a GPU the same code is the path a user expects: weights in bf16/fp16 (``model.dtype``) with
+the logits upcast so the log-sum-exp is float32; attention through PyTorch SDPA (transformers'
+default, kept unless ``model.attn_implementation`` says otherwise); length-sorted batches (the
+runner); inputs copied from pinned host memory without blocking, and NLLs kept on the device
+until the batch is done, so the host waits once per batch rather than once per chunk.
 """
 
 from __future__ import annotations
@@ -83,26 +89,51 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def to_device(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+    """Host tensor to ``dev``; through pinned memory, asynchronously, when ``dev`` is a GPU."""
+    if t is None or t.device == dev:
+        return t
+    if dev.type == "cuda":
+        t = t.pin_memory()
+    return t.to(dev, non_blocking=True)
+
+
 def scored_hidden(model, batch: Batch) -> torch.Tensor:
     """Final hidden states at the scored positions only: [M, H]."""
     dev = input_device(model)
     out = model.base_model(
-        input_ids=batch.input_ids.to(dev, non_blocking=True),
-        attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(dev, non_blocking=True),
+        input_ids=to_device(batch.input_ids, dev),
+        attention_mask=to_device(batch.attention_mask, dev),
         use_cache=False,
     )
     hidden = out.last_hidden_state
-    return hidden[batch.rows.to(hidden.device), batch.cols.to(hidden.device)]
+    return hidden[to_device(batch.rows, hidden.device), to_device(batch.cols, hidden.device)]
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Output head on some hidden states, as float32 logits (soft-capped where the model does)."""
+    """Output head on some hidden states, as float32 logits (soft-capped where the model does).
+
+    The result is a fresh tensor the caller may overwrite (``.float()`` of a float32 tensor is
+    the tensor itself, but the head's output is never shared).
+    """
     head = model.get_output_embeddings()
     logits = head(hidden.to(head.weight.device)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
-        logits = torch.tanh(logits / cap) * cap
+        logits.div_(cap).tanh_().mul_(cap)
     return logits
+
+
+def chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] = logsumexp(logits) - logits[target], row by row, float32.
+
+    Computed in place (``logits`` is consumed): the only [m, V] tensor is the one the head made,
+    where ``torch.logsumexp`` or ``log_softmax`` would each allocate another one or two.
+    """
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    top = logits.amax(dim=1, keepdim=True)
+    lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top[:, 0])
+    return lse.sub_(picked)
 
 
 def chunk_size(model, logits_chunk: int | None) -> int:
@@ -133,21 +164,19 @@ def log_probs_chunks(model, batch: Batch, logits_chunk: int | None = None):
 @torch.inference_mode()
 def token_nlls(model, batch: Batch, logits_chunk: int | None = None) -> np.ndarray:
     """Negative log-likelihood (nats, float32 log-softmax) of every scored token in the batch."""
-    out = torch.empty(batch.targets.shape[0], dtype=torch.float32)
-    targets = batch.targets
     if uses_head_path(model):
         hidden = scored_hidden(model, batch)
+        head_dev = model.get_output_embeddings().weight.device
+        targets = to_device(batch.targets, head_dev)
+        out = torch.empty(targets.shape[0], dtype=torch.float32, device=head_dev)
         step = chunk_size(model, logits_chunk)
         for s in range(0, hidden.shape[0], step):
-            logits = head_logits(model, hidden[s : s + step])
-            t = targets[s : s + step].to(logits.device)
-            # -log softmax(x)[t] = logsumexp(x) - x[t]: no [m, V] log-prob tensor needed
-            nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None])[:, 0]
-            out[s : s + step] = nll.cpu()
-    else:
-        for sl, logp in log_probs_chunks(model, batch, logits_chunk):
-            t = targets[sl].to(logp.device)
-            out[sl] = -logp.gather(1, t[:, None])[:, 0].cpu()
+            out[s : s + step] = chunk_nll(head_logits(model, hidden[s : s + step]), targets[s : s + step])
+        return out.cpu().numpy()
+    out = torch.empty(batch.targets.shape[0], dtype=torch.float32)
+    for sl, logp in log_probs_chunks(model, batch, logits_chunk):
+        t = batch.targets[sl].to(logp.device)
+        out[sl] = -logp.gather(1, t[:, None])[:, 0].cpu()
     return out.numpy()
 
 

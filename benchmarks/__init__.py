@@ -1,0 +1,1 @@
+"""Benchmarks: the harness against the loops and tools users run today (``make bench``)."""

@@ -1,0 +1,80 @@
+"""What is benchmarked: the cases, and the models they use, prepared once into a local cache.
+
+Every case names a shipped config (its model and corpus) and the window settings to run. Each
+(case, tool) runs in its own subprocess so its peak resident memory can be read from outside.
+
+The GGUF models are dequantized by transformers on every load (minutes for Gemma-3 on two busy
+cores), so ``prepare`` does it once and saves the float32 weights and the tokenizer as a plain
+safetensors folder under ``.cache/bench-models``; every tool then loads that same folder. Load
+time is reported, and excluded from tokens per second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / "bench-models"
+DOC_LEVEL = "EleutherAI/wikitext_document_level"
+
+MODELS = {"smollm2": REPO / "configs" / "smollm2-wikitext2.yaml", "gemma3": REPO / "configs" / "gemma3-wikitext2.yaml"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str  # key of MODELS
+    protocol: str  # "sliding" (vs the HF guide's loop) or "lm-eval" (vs lm-evaluation-harness)
+    max_length: int
+    stride: int
+    batch_size: int
+    tokens: int  # sliding: first N tokens of the WikiText-2 stream
+    documents: int = 0  # lm-eval: first N articles of the document-level split
+    memory_limit_gb: float | None = None  # target for the harness process's peak RSS
+    speedup_target: float | None = None  # harness tokens/s over the other tool's
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return ("harness", "lm_eval") if self.protocol == "lm-eval" else ("harness", "hf-guide")
+
+
+# Token slices sized so `make bench` takes minutes on two cores; --scale multiplies them.
+CASES = [
+    Case("smollm2 L1024 S512", "smollm2", "sliding", 1024, 512, 4, tokens=4096, speedup_target=1.3),
+    Case("gemma3 L1024 S256", "gemma3", "sliding", 1024, 256, 4, tokens=2048, speedup_target=2.0),
+    Case("gemma3 L2048 b8", "gemma3", "sliding", 2048, 2048, 8, tokens=8 * 2048, memory_limit_gb=3.5),
+    Case("smollm2 lm-eval L1024", "smollm2", "lm-eval", 1024, 1024, 4, tokens=0, documents=1, speedup_target=1.5),
+]
+
+
+def cached_model(key: str) -> Path:
+    return CACHE / key
+
+
+def prepare(key: str) -> Path:
+    """Dequantize the config's GGUF model once into ``.cache/bench-models/KEY`` (idempotent)."""
+    folder = cached_model(key)
+    if (folder / ".done").is_file():
+        return folder
+    from harness.config import load_config
+    from harness.models import load_model, load_tokenizer
+
+    cfg = load_config(MODELS[key]).model
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, device="cpu")
+    # transformers marks a GGUF-loaded model "quantized" and refuses to save it, but its weights
+    # are already dequantized to float32: drop the marker, the tensors are what we save
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    probe = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building.\n\n = Heading = \n"
+    if AutoTokenizer.from_pretrained(folder)(probe)["input_ids"] != tok(probe)["input_ids"]:
+        raise RuntimeError(f"the saved tokenizer of {key} tokenizes differently from the GGUF one")
+    (folder / ".done").write_text("ok\n")
+    return folder

@@ -1,0 +1,93 @@
+"""One (case, tool) run, in its own process: ``python -m benchmarks.child TOOL CASE_JSON OUT.json``.
+
+Writes the scored token count, the NLL sum, the perplexity, and the seconds spent loading and
+scoring. Scoring time covers the scoring loop only (no model load, no corpus reading or
+tokenizing) for every tool alike; wall time and peak memory are measured by the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .cases import DOC_LEVEL, MODELS, Case, cached_model, prepare
+
+
+def mirror(dataset: str, config: str = "wikitext-2-raw-v1", split: str = "test") -> Path:
+    root = Path(os.environ.get("PPL_CORPUS_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "corpora"))
+    return root / dataset / config / f"{split}.parquet"
+
+
+def run_harness(case: Case) -> dict:
+    from harness.config import load_config
+    from harness.models import load_model, load_tokenizer
+    from harness.runner import run
+
+    folder = cached_model(case.model)
+    overrides = [
+        f"model.name_or_path={folder}", "model.gguf_file=null", "model.device=cpu", "eval.bootstrap=0",
+        f"eval.protocol={case.protocol}", f"eval.max_length={case.max_length}", f"eval.batch_size={case.batch_size}",
+    ]
+    if case.protocol == "lm-eval":
+        overrides += [f"corpus.dataset={DOC_LEVEL}", "corpus.text_field=page", f"corpus.max_documents={case.documents}",
+                      "corpus.join=null", "eval.stride=null"]
+    else:
+        overrides += [f"eval.stride={case.stride}", f"corpus.max_tokens={case.tokens}"]
+    cfg = load_config(MODELS[case.model], overrides)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device="cpu")
+    load_s = time.perf_counter() - t0
+    res = run(cfg, model=model, tokenizer=tok, write=False, progress=False)
+    return {"scored_tokens": res.scored_tokens, "sum_nll": res["sum_nll"], "perplexity": res.perplexity,
+            "word_perplexity": res["word_perplexity"], "load_s": load_s, "score_s": res["scoring_seconds"]}
+
+
+def run_hf_guide(case: Case) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hf_loop import hf_guide_nll
+
+    folder = cached_model(case.model)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    test = load_dataset("parquet", data_files={"test": str(mirror("Salesforce/wikitext"))}, split="test")
+    encodings = tokenizer("\n\n".join(test["text"]), return_tensors="pt")
+    input_ids = encodings.input_ids[:, : case.tokens]
+    t1 = time.perf_counter()
+    nll, n, _ = hf_guide_nll(model, input_ids, case.max_length, case.stride)
+    score_s = time.perf_counter() - t1
+    return {"scored_tokens": n, "sum_nll": nll, "perplexity": math.exp(nll / n), "load_s": load_s, "score_s": score_s}
+
+
+def run_tool(tool: str, case: Case) -> dict:
+    if tool == "harness":
+        return run_harness(case)
+    if tool == "hf-guide":
+        return run_hf_guide(case)
+    if tool == "lm_eval":
+        from .lmeval_run import run_lm_eval
+
+        return run_lm_eval(case, cached_model(case.model), mirror(DOC_LEVEL))
+    raise SystemExit(f"unknown tool {tool!r}")
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "prepare":
+        print(prepare(argv[1]))
+        return
+    tool, case_json, out = argv  # the parent passes the case (resized by --scale) as JSON
+    Path(out).write_text(json.dumps(run_tool(tool, Case(**json.loads(case_json)))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

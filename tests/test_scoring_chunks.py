@@ -1,0 +1,104 @@
+"""Chunked scoring: the same NLLs at every chunk size, and the output head's memory bounded.
+
+The reference is the model's own forward pass with full logits (``model(...).logits``, every
+position, the whole vocabulary), log-softmaxed in float32 and gathered at the scored positions:
+the obvious way the harness avoids. Memory is checked by tensor sizes, never by time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.scoring import build_batch, token_nlls
+from harness.tokens import TokenStream
+from harness.windows import BosPolicy, plan_sliding
+
+
+def _batch(vocab: int, n_tokens: int, L: int, S: int, seed: int = 0, bos_id: int = 0, pad_id: int = 2):
+    """A length-sorted batch of sliding windows over random ids (the last window is shorter: padding)."""
+    ids = np.random.default_rng(seed).integers(3, vocab, n_tokens).astype(np.int64)
+    stream = TokenStream(ids, np.zeros(n_tokens + 1, np.int64), np.zeros(n_tokens + 1, np.int64))
+    windows = sorted(plan_sliding(n_tokens, L, S, BosPolicy.STREAM), key=lambda w: -w.input_length)
+    return build_batch(windows, [stream], bos_id, bos_id, pad_id)
+
+
+def _full_logits_nlls(model, batch) -> np.ndarray:
+    with torch.inference_mode():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[batch.rows, batch.cols].float(), dim=-1)
+        return -logp.gather(1, batch.targets[:, None])[:, 0].numpy()
+
+
+def _check_chunks(model, batch, chunks) -> None:
+    ref = _full_logits_nlls(model, batch)
+    assert batch.attention_mask is not None  # the padded path is exercised
+    for chunk in chunks:
+        got = token_nlls(model, batch, logits_chunk=chunk)
+        assert got.shape == ref.shape
+        # per token: float32 rounding of the head's dot products, whose summation order the
+        # matmul kernel picks by shape (one row at a time is a different kernel); in the sum,
+        # which is what a perplexity is made of, those roundings average out below 1e-6
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=f"logits_chunk={chunk}")
+        total, ref_total = got.astype(np.float64).sum(), ref.astype(np.float64).sum()
+        assert abs(total - ref_total) <= 1e-6 * ref_total, (chunk, total, ref_total)
+
+
+def test_chunk_sizes_equal_full_logits_tiny(tiny):
+    _, model, tok = tiny
+    batch = _batch(len(tok), n_tokens=150, L=40, S=16)
+    _check_chunks(model, batch, chunks=(1, 7, 10**6))
+
+
+def test_chunk_sizes_equal_full_logits_smollm2(smollm2):
+    model, _ = smollm2
+    batch = _batch(model.config.vocab_size, n_tokens=120, L=64, S=40, bos_id=1)
+    _check_chunks(model, batch, chunks=(1, 7, 10**6))
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_model():
+    """Hidden size 16, vocabulary 200,000: the output head dominates every tensor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=200_000, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest net allocation made by any single op (children included) during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_head_memory_bounded_by_chunk_not_batch(wide_vocab_model, chunk):
+    model = wide_vocab_model
+    vocab = model.config.vocab_size
+    head_out: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_out.append(o.numel()))
+    try:
+        peaks = {}
+        for shape in [(4, 32), (8, 128)]:  # windows x length: 8x more scored positions
+            n_windows, L = shape
+            batch = _batch(vocab, n_tokens=n_windows * L // 2 + L // 2, L=L, S=L // 2)
+            head_out.clear()
+            peaks[shape] = _largest_allocation(lambda: token_nlls(model, batch, logits_chunk=chunk))
+            assert len(batch.targets) > chunk  # several chunks ran
+            assert max(head_out) == chunk * vocab  # the head never saw more than one chunk
+        bound = chunk * vocab * 4  # one float32 chunk of logits
+        for shape, peak in peaks.items():
+            assert bound <= peak <= bound * 1.05, (shape, peak, bound)
+    finally:
+        hook.remove()
+    # the measurement can see growth: the full-logits forward allocates batch x length x vocab
+    full = _batch(vocab, n_tokens=4 * 64 // 2 + 32, L=64, S=32)
+    peak_full = _largest_allocation(lambda: _full_logits_nlls(model, full))
+    assert peak_full >= full.input_ids.numel() * vocab * 4

@@ -137,6 +137,23 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     if not cfg.device_map:
         model.to(device or pick_device(cfg.device))
     model.eval()
+    if cfg.quantize:
+        quantize(model, cfg.quantize)
+    return model
+
+
+def quantize(model, method: str):
+    """Dynamic int8 (torch.ao): int8 weights, activations quantized per batch, CPU kernels.
+
+    Only the transformer body's Linear layers: the output head stays in float32, as most
+    quantization schemes keep it at higher precision (and the chunked scoring reads its weight).
+    """
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    if method != "dynamic-int8":  # the config schema admits only this name
+        raise AssertionError(method)
+    quantize_dynamic(model.base_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     return model
 
 

@@ -249,6 +249,9 @@ def _row(run: Run) -> dict:
         "ci95_low": ci[0],
         "ci95_high": ci[1],
         "bits_per_byte": r.get("bits_per_byte"),
+        # KL mode records: against the run's own baseline_model, not the table's baseline
+        "kl_mean": (r.get("kl") or {}).get("mean"),
+        "kl_top1_agreement": (r.get("kl") or {}).get("top1_agreement"),
     }
 
 
@@ -276,7 +279,12 @@ def compare(specs: list[str], baseline: str | None = None, *, across_tokenizers:
             row.update(_significance(base, run, base_win, metric, samples, seed))
         rows.append(row)
     note = NOTE + f" Deltas are against {base.label}; 'significant' means the 95% interval of the {metric.replace('_', ' ')} difference excludes zero."
-    return Comparison(pd.DataFrame(rows), base.label, metric, note, runs)
+    table = pd.DataFrame(rows)
+    if table.kl_mean.isna().all():
+        table = table.drop(columns=["kl_mean", "kl_top1_agreement"])
+    else:
+        note += " kl_mean (nats per token) and kl_top1_agreement are against each run's own baseline_model (KL mode)."
+    return Comparison(table, base.label, metric, note, runs)
 
 
 def _significance(base: Run, run: Run, base_win, metric: str, samples: int, seed: int) -> dict:
@@ -290,7 +298,7 @@ def _significance(base: Run, run: Run, base_win, metric: str, samples: int, seed
         return {"delta_ci95_low": res.ci95[0], "delta_ci95_high": res.ci95[1], "significant": res.significant,
                 "test": f"paired bootstrap over {len(a)} {unit}"}
     if metric != "perplexity":
-        return {"test": "not paired (no per-document bytes to pair)"}
+        return {"test": "none: bits per byte pairs documents, and these runs are one stream each"}
     lo_a, hi_a = base.record.get("ci95") or [None, None]
     lo_b, hi_b = run.record.get("ci95") or [None, None]
     if None in (lo_a, hi_a, lo_b, hi_b):

@@ -124,7 +124,7 @@ def test_kl_mode_in_the_runner(tiny, perturbed, tiny_corpus, tmp_path):
     assert 0 < kl["top1_agreement"] < 1
     # second path: each model on its own through the plain scoring
     plain_m = run(validate(tiny_config(perturbed[0], tiny_corpus)), model=perturbed[1], tokenizer=tok, write=False, progress=False)
-    plain_b = run(validate(tiny_config(folder, tiny_corpus)), model=model, tokenizer=tok, write=False, progress=False)
+    plain_b = run(validate(tiny_config(folder, tiny_corpus)), tmp_path / "base", model=model, tokenizer=tok, progress=False)
     assert res["sum_nll"] == pytest.approx(plain_m["sum_nll"], rel=1e-6)
     assert kl["ppl_ratio"] == pytest.approx(plain_m.perplexity / plain_b.perplexity, rel=1e-5)
     assert kl["ppl_base"] == pytest.approx(plain_b.perplexity, rel=1e-5)
@@ -141,6 +141,12 @@ def test_kl_mode_in_the_runner(tiny, perturbed, tiny_corpus, tmp_path):
     ids, _, windows = _windows(tok, tiny_corpus)
     ref = [reference_kl(model, perturbed[1], ids[x.begin : x.end], x.score_begin - x.begin) for x in windows]
     assert w.sort_values("index").kl_sum.to_numpy() == pytest.approx([r[:, 0].sum() for r in ref], rel=1e-3)
+    # compare shows the KL beside the perplexity, and the same ratio as the KL mode
+    from harness.compare import compare
+
+    t = compare([str(tmp_path / "base"), str(tmp_path / "kl")]).table.set_index("run")
+    assert t.kl_mean.iloc[1] == pytest.approx(kl["mean"]) and pd.isna(t.kl_mean.iloc[0])
+    assert t.ppl_ratio.iloc[1] == pytest.approx(kl["ppl_ratio"], rel=1e-5)
 
 
 def test_kl_refuses_other_vocabulary(tiny, tmp_path):

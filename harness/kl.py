@@ -3,7 +3,7 @@
 llama.cpp's ``--kl-divergence`` stores the base model's logits (gigabytes) and reads them back
 while running the candidate (PROTOCOLS.md section 3). Here both models are loaded and each batch
 goes through both: the model bodies run once each to hidden states at the scored positions, and
-the vocabulary projection is done chunk by chunk (as in ``scoring.py``), so at most a few
+the vocabulary projection is done chunk by chunk (``scoring.py``'s pieces), so at most a few
 ``[chunk, vocabulary]`` float32 tensors exist at any time. Per scored token ``t`` with base
 distribution ``P`` and model distribution ``Q`` (float32 log-softmax):
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import HarnessError
-from .scoring import Batch, chunk_size, log_probs_chunks
+from .scoring import Batch, chunk_size, head_logits, log_probs_chunks, scored_hidden, uses_head_path
 
 KL_COLUMNS = ["kl_sum", "kl_max", "top1_agree", "base_sum_nll", "delta_p_sq_sum"]
 
@@ -67,11 +67,25 @@ def kl_statistics(kl, delta_p, nll_model, nll_base, top1_agree) -> dict:
     }
 
 
-def _aligned(model, batch: Batch, step: int):
-    """Log-probabilities in chunks of exactly ``step`` positions, whichever path the model takes."""
-    for _, logp in log_probs_chunks(model, batch, step):
-        for s in range(0, logp.shape[0], step):  # the plain-logits path yields one big chunk
-            yield logp[s : s + step]
+def _logit_chunks(model, batch: Batch, step: int):
+    """float32 logits at the scored positions in chunks of exactly ``step`` positions."""
+    if uses_head_path(model):
+        hidden = scored_hidden(model, batch)
+        for s in range(0, hidden.shape[0], step):
+            yield head_logits(model, hidden[s : s + step])
+    else:  # log-probabilities are logits too (softmax ignores a per-row constant)
+        for _, logp in log_probs_chunks(model, batch, step):
+            for s in range(0, logp.shape[0], step):
+                yield logp[s : s + step]
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``x - logsumexp(x)`` in place: the same NLL, to the bit, as ``scoring.token_nlls``.
+
+    (torch.log_softmax in float32 on CPU comes out about 1e-5 nats per token low on a 49k
+    vocabulary; the log-sum-exp route does not, so the KL mode's perplexities equal plain runs'.)
+    """
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 @torch.inference_mode()
@@ -83,8 +97,8 @@ def pair_token_stats(model, baseline, batch: Batch, logits_chunk: int | None = N
     out = {k: np.empty(m, np.float32) for k in ("nll_m", "nll_b", "kl", "dp")}
     agree = np.empty(m, bool)
     s = 0
-    for lp_b, lp_m in zip(_aligned(baseline, batch, step), _aligned(model, batch, step)):
-        lp_m = lp_m.to(lp_b.device)
+    for x_b, x_m in zip(_logit_chunks(baseline, batch, step), _logit_chunks(model, batch, step)):
+        lp_b, lp_m = _log_probs(x_b), _log_probs(x_m.to(x_b.device))
         sl = slice(s, s + lp_b.shape[0])
         t = batch.targets[sl].to(lp_b.device)[:, None]
         g_b, g_m = lp_b.gather(1, t)[:, 0], lp_m.gather(1, t)[:, 0]

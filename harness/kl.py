@@ -43,7 +43,8 @@ def kl_statistics(kl, delta_p, nll_model, nll_base, top1_agree) -> dict:
     n = len(kl)
     if n == 0:
         raise ValueError("no scored tokens")
-    diff = np.asarray(nll_model, np.float64) - np.asarray(nll_base, np.float64)
+    nll_model, nll_base = np.asarray(nll_model, np.float64), np.asarray(nll_base, np.float64)
+    diff = nll_model - nll_base
     med, p90, p99, p999 = np.quantile(kl, [0.5, 0.9, 0.99, 0.999])
     return {
         "tokens": n,
@@ -62,8 +63,8 @@ def kl_statistics(kl, delta_p, nll_model, nll_base, top1_agree) -> dict:
         "delta_p_p99": float(np.quantile(dp, 0.99)),
         "mean_ln_ppl_ratio": float(diff.mean()),
         "ppl_ratio": math.exp(diff.mean()),
-        "ppl_model": math.exp(float(np.mean(nll_model))),
-        "ppl_base": math.exp(float(np.mean(nll_base))),
+        "ppl_model": math.exp(nll_model.mean()),
+        "ppl_base": math.exp(nll_base.mean()),
     }
 
 

@@ -55,6 +55,10 @@ def test_kl_statistics_against_plain_formulas():
     assert s["rms_delta_p"] == pytest.approx(math.sqrt(sum(d * d for d in dp) / n))
     assert s["ppl_ratio"] == pytest.approx(math.exp(sum(nll_m) / n) / math.exp(sum(nll_b) / n))
     assert s["stderr_mean"] == pytest.approx(np.std(kl, ddof=1) / math.sqrt(n))
+    # float32 per-token inputs (as the scorer keeps them) are summed in float64
+    big = rng.uniform(2, 4, 200_000).astype(np.float32)
+    s32 = kl_statistics(np.zeros(len(big)), np.zeros(len(big)), big, big[::-1], np.ones(len(big), bool))
+    assert s32["ppl_model"] == pytest.approx(math.exp(math.fsum(big.tolist()) / len(big)), rel=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -115,3 +115,23 @@ def test_positions_reference_on_one_window(tiny, tiny_corpus, tmp_path):
     assert data.mean_nll.tolist() == pytest.approx(ref, rel=1e-5)
     assert data["count"].tolist() == [c for c in counts if c]
     assert sum(counts) == res.scored_tokens
+
+
+def test_cli_sweep_compare_and_positions(tiny, tiny_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    folder, _, _ = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    cli = CliRunner()
+    out = cli.invoke(app, ["sweep", cfg, "eval.max_length=16,32", "eval.bootstrap=20", "-o", str(tmp_path / "sw"), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    table = pd.read_csv(tmp_path / "sw" / "sweep.csv")
+    assert table["eval.max_length"].tolist() == [16, 32]
+    for ppl in table.perplexity:
+        assert f"{ppl:.4f}" in out.output
+    out = cli.invoke(app, ["compare", str(tmp_path / "sw" / "*"), "--plot"])
+    assert out.exit_code != 0 and "protocol.max_length differs" in str(out.exception)
+    out = cli.invoke(app, ["positions", str(tmp_path / "sw"), "-o", str(tmp_path / "pos.png")])
+    assert out.exit_code == 0 and (tmp_path / "pos.png").stat().st_size > 2000

@@ -112,11 +112,12 @@ def compare_cmd(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where compare.csv/.md/.png go (default: beside the records)."),
     samples: int = typer.Option(1000, help="Bootstrap resamples for the paired test."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
+    kl: bool = typer.Option(False, "--kl", help="All KL statistics of KL-mode records (median, p90, p99, max, RMS dp, PPL ratio)."),
 ):
     """Compare runs against a baseline: perplexity, its interval, bits per byte, paired significance."""
     from .compare import compare, default_output, write_comparison
 
-    comp = compare(records, baseline, across_tokenizers=bits_per_byte, samples=samples, seed=seed)
+    comp = compare(records, baseline, across_tokenizers=bits_per_byte, samples=samples, seed=seed, kl_details=kl)
     paths = write_comparison(comp, output_dir or default_output(records, comp.runs), plot=plot)
     typer.echo(comp.markdown())
     typer.echo("written: " + ", ".join(map(str, paths)))

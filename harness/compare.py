@@ -235,7 +235,10 @@ def _pick_baseline(runs: list[Run], baseline: str | None) -> Run:
     raise HarnessError(f"--baseline: no run named '{baseline}' among {labels}; give one of those names")
 
 
-def _row(run: Run) -> dict:
+KL_DETAILS = ["median", "p90", "p99", "max", "rms_delta_p", "ppl_ratio"]
+
+
+def _row(run: Run, kl_details: bool = False) -> dict:
     r, cfg = run.record, run.record.get("config") or {}
     model = cfg.get("model") or {}
     ci = r.get("ci95") or [None, None]
@@ -252,10 +255,14 @@ def _row(run: Run) -> dict:
         # KL mode records: against the run's own baseline_model, not the table's baseline
         "kl_mean": (r.get("kl") or {}).get("mean"),
         "kl_top1_agreement": (r.get("kl") or {}).get("top1_agreement"),
+        **({f"kl_{k}": (r.get("kl") or {}).get(k) for k in KL_DETAILS} if kl_details else {}),
     }
 
 
-def compare(specs: list[str], baseline: str | None = None, *, across_tokenizers: bool = False, samples: int = 1000, seed: int = 0) -> Comparison:
+def compare(
+    specs: list[str], baseline: str | None = None, *, across_tokenizers: bool = False, samples: int = 1000, seed: int = 0,
+    kl_details: bool = False,
+) -> Comparison:
     """The comparison table of the runs found at ``specs`` against ``baseline`` (default: the first)."""
     runs = find_runs(specs)
     if len(runs) < 2:
@@ -267,7 +274,7 @@ def compare(specs: list[str], baseline: str | None = None, *, across_tokenizers:
     base_win = base.windows()
     rows = []
     for run in runs:
-        row = _row(run)
+        row = _row(run, kl_details)
         row["compared_on"] = "bits per byte (tokenizers may differ)" if across_tokenizers else "perplexity (same tokens)"
         ppl, bppl = run.record.get("perplexity"), base.record.get("perplexity")
         bpb, bbpb = run.record.get("bits_per_byte"), base.record.get("bits_per_byte")
@@ -281,7 +288,7 @@ def compare(specs: list[str], baseline: str | None = None, *, across_tokenizers:
     note = NOTE + f" Deltas are against {base.label}; 'significant' means the 95% interval of the {metric.replace('_', ' ')} difference excludes zero."
     table = pd.DataFrame(rows)
     if table.kl_mean.isna().all():
-        table = table.drop(columns=["kl_mean", "kl_top1_agreement"])
+        table = table.drop(columns=[c for c in table.columns if c.startswith("kl_")])
     else:
         note += " kl_mean (nats per token) and kl_top1_agreement are against each run's own baseline_model (KL mode)."
     return Comparison(table, base.label, metric, note, runs)

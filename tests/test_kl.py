@@ -148,8 +148,9 @@ def test_kl_mode_in_the_runner(tiny, perturbed, tiny_corpus, tmp_path):
     # compare shows the KL beside the perplexity, and the same ratio as the KL mode
     from harness.compare import compare
 
-    t = compare([str(tmp_path / "base"), str(tmp_path / "kl")]).table.set_index("run")
+    t = compare([str(tmp_path / "base"), str(tmp_path / "kl")], kl_details=True).table.set_index("run")
     assert t.kl_mean.iloc[1] == pytest.approx(kl["mean"]) and pd.isna(t.kl_mean.iloc[0])
+    assert t.kl_p99.iloc[1] == pytest.approx(kl["p99"]) and t.kl_ppl_ratio.iloc[1] == pytest.approx(kl["ppl_ratio"])
     assert t.ppl_ratio.iloc[1] == pytest.approx(kl["ppl_ratio"], rel=1e-5)
 
 

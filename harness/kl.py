@@ -81,7 +81,7 @@ def _logit_chunks(model, batch: Batch, step: int):
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """``x - logsumexp(x)`` in place: the same NLL, to the bit, as ``scoring.token_nlls``.
+    """``x - logsumexp(x)`` in place: the NLL of ``scoring.token_nlls`` (to the bit on equal chunks).
 
     (torch.log_softmax in float32 on CPU comes out about 1e-5 nats per token low on a 49k
     vocabulary; the log-sum-exp route does not, so the KL mode's perplexities equal plain runs'.)

@@ -246,7 +246,7 @@ def _row(run: Run, kl_details: bool = False) -> dict:
         "run": run.label,
         "model": model.get("gguf_file") or model.get("name_or_path"),
         "dtype": model.get("dtype"),
-        "quantize": model.get("quantize"),
+        "quantize": model.get("quantize") or "-",
         "scored_tokens": r.get("scored_tokens"),
         "perplexity": r.get("perplexity"),
         "ci95_low": ci[0],
@@ -273,7 +273,7 @@ def compare(
     metric = "bits_per_byte" if across_tokenizers else "perplexity"
     base_win = base.windows()
     rows = []
-    for run in runs:
+    for run in [base, *(r for r in runs if r is not base)]:
         row = _row(run, kl_details)
         row["compared_on"] = "bits per byte (tokenizers may differ)" if across_tokenizers else "perplexity (same tokens)"
         ppl, bppl = run.record.get("perplexity"), base.record.get("perplexity")

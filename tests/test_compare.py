@@ -173,6 +173,11 @@ def test_find_runs_by_glob_and_bad_baseline(two_runs):
     assert [r.label for r in find_runs([str(root / "*")])] == ["A", "B"]
     with pytest.raises(HarnessError, match="no result records"):
         find_runs([str(root / "nothing-*")])
+    flipped = compare([str(root)], baseline="B", samples=200).table
+    forward = compare([str(root)], baseline="A", samples=200).table
+    assert flipped.run.tolist() == ["B", "A"]  # the baseline first
+    assert flipped.delta_ppl.iloc[1] == pytest.approx(-forward.delta_ppl.iloc[1])
+    assert flipped.significant.iloc[1] == forward.significant.iloc[1]
     with pytest.raises(HarnessError, match="--baseline: no run named 'C'"):
         compare([str(root)], baseline="C")
 

@@ -135,7 +135,7 @@ def sweep_cmd(
 
     sweep = run_sweep(plan(config, overrides, output_dir), progress=progress)
     cols = [*sweep.keys, "perplexity", "ci95_low", "ci95_high", "bits_per_byte", "scored_tokens"]
-    typer.echo(sweep.table[cols].to_markdown(index=False, floatfmt=".4f"))
+    typer.echo(sweep.table[cols].infer_objects().to_markdown(index=False, floatfmt=".4f"))
     typer.echo(f"written: {sweep.dir / 'sweep.csv'}, {sweep.dir / 'sweep.png'}, {sweep.dir / 'positions.png'}")
 
 
@@ -143,6 +143,7 @@ def sweep_cmd(
 def positions_cmd(
     records: List[str] = typer.Argument(..., help="Run folders, result.json files, a results folder, or globs."),
     output: Path = typer.Option(Path("positions.png"), "--output", "-o", help="PNG to write."),
+    bins: int = typer.Option(32, help="Average positions in this many equal ranges (0: every position)."),
 ):
     """Plot mean NLL against position in the window (how much context helps), one line per run."""
     import pandas as pd
@@ -156,7 +157,7 @@ def positions_cmd(
         if not f.is_file():
             _fail(f"{f} not found: re-run with output.save_windows: true")
         frames[r.label] = pd.read_parquet(f)
-    plot_positions(frames, output)
+    plot_positions(frames, output, bins=bins or None)
     typer.echo(f"written: {output}")
 
 

@@ -74,23 +74,34 @@ def plot_sweep(frame: pd.DataFrame, x: str, path: Path, group: list[str] | None 
     return data
 
 
-def plot_positions(positions: dict[str, pd.DataFrame], path: Path) -> pd.DataFrame:
+def plot_positions(positions: dict[str, pd.DataFrame], path: Path, bins: int | None = None) -> pd.DataFrame:
     """Mean NLL against position in the window, one line per run (``positions.parquet`` frames).
 
     Position ``k`` is the input position whose logit predicts the token, so ``k`` tokens of
     context (plus itself) stand before the prediction: the curve shows how much context helps.
+    With ``bins``, positions are grouped into that many equal ranges and each point is
+    ``sum(nll) / count`` over its range (token-weighted), which steadies positions scored only a
+    few times (under ``sliding`` only the first window scores positions below ``L - S``).
     """
     plt = _pyplot()
     parts = []
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, pos in positions.items():
         pos = pos[pos["count"] > 0].sort_values("position")
+        if bins:
+            width = max(1, -(-int(pos.position.max() + 1) // bins))
+            g = pos.assign(start=pos.position // width * width).groupby("start", sort=True)
+            pos = pd.DataFrame({"position": g.position.min(), "sum_nll": g.sum_nll.sum(), "count": g["count"].sum()})
+            pos = pos.assign(start=pos.index.to_numpy(), end=pos.index.to_numpy() + width).reset_index(drop=True)
         mean = pos.sum_nll / pos["count"]
-        ax.plot(pos.position, mean, label=label, linewidth=1)
-        parts.append(pd.DataFrame({"run": label, "position": pos.position.to_numpy(), "mean_nll": mean.to_numpy(),
-                                   "count": pos["count"].to_numpy()}))
+        x = (pos.start + pos.end - 1) / 2 if bins else pos.position
+        ax.plot(x, mean, label=label, linewidth=1, marker="." if bins else None)
+        part = pd.DataFrame({"run": label, "position": x.to_numpy(), "mean_nll": mean.to_numpy(), "count": pos["count"].to_numpy()})
+        if bins:
+            part = part.assign(start=pos.start.to_numpy(), end=pos.end.to_numpy())
+        parts.append(part)
     ax.set_xlabel("position in window (tokens of context)")
-    ax.set_ylabel("mean NLL (nats)")
+    ax.set_ylabel("mean NLL (nats)" + (f", {bins} bins" if bins else ""))
     if len(positions) > 1:
         ax.legend(fontsize=8)
     _save(fig, path)

@@ -25,6 +25,7 @@ from .config import RunConfig, load_config, parse_override
 from .errors import HarnessError
 from .results import atomic_write_text, table_row
 
+POSITION_BINS = 32
 # a comma list, unless the value is a YAML flow list/mapping or quoted
 _SPLIT = re.compile(r"^[^\[\{'\"].*,")
 
@@ -117,5 +118,5 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, model=None, tokenizer=None
     x, group = sweep.keys[0], sweep.keys[1:]
     sweep.plotted = plot_sweep(sweep.table, x, sweep.dir / "sweep.png", group)
     if positions:
-        sweep.positions = plot_positions(positions, sweep.dir / "positions.png")
+        sweep.positions = plot_positions(positions, sweep.dir / "positions.png", bins=POSITION_BINS)
     return sweep

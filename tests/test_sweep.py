@@ -74,14 +74,21 @@ def test_sweep_grid_against_reference(tiny, tiny_corpus, tmp_path):
     pos = sweep.positions
     assert sorted(pos.run.unique()) == sorted(f"max_length={p.values['eval.max_length']}__bos={p.values['eval.bos']}" for p in sweep.points)
     for p in sweep.points:
-        label = f"max_length={p.values['eval.max_length']}__bos={p.values['eval.bos']}"
+        L = p.values["eval.max_length"]
+        label = f"max_length={L}__bos={p.values['eval.bos']}"
         mine = pos[pos.run == label]
         parquet = pd.read_parquet(p.run_dir / "positions.parquet")
-        assert mine.position.tolist() == parquet.position.tolist()
-        assert mine.mean_nll.tolist() == pytest.approx((parquet.sum_nll / parquet["count"]).tolist())
+        # 32 bins over positions 0 .. L-1: ranges of ceil(L / 32) positions, token-weighted means
+        width = -(-L // 32)
+        ref = {}
+        for k, s_, c in zip(parquet.position, parquet.sum_nll, parquet["count"]):
+            b0 = k // width * width
+            ref[b0] = (ref.get(b0, (0.0, 0))[0] + s_, ref.get(b0, (0.0, 0))[1] + c)
+        assert mine.start.tolist() == sorted(ref)
+        assert mine.mean_nll.tolist() == pytest.approx([ref[b][0] / ref[b][1] for b in sorted(ref)])
         assert mine["count"].sum() == p.record["scored_tokens"]
         assert (mine.mean_nll * mine["count"]).sum() == pytest.approx(p.record["sum_nll"], rel=1e-9)
-        assert mine.position.max() < p.values["eval.max_length"]
+        assert mine.end.max() <= L
     assert (sweep.dir / "positions.png").stat().st_size > 2000
     with pytest.raises(HarnessError, match="not empty"):
         run_sweep(plan(cfg, ["eval.max_length=16,32"], tmp_path / "sweep"), progress=False, model=model, tokenizer=tok)
@@ -115,6 +122,10 @@ def test_positions_reference_on_one_window(tiny, tiny_corpus, tmp_path):
     assert data.mean_nll.tolist() == pytest.approx(ref, rel=1e-5)
     assert data["count"].tolist() == [c for c in counts if c]
     assert sum(counts) == res.scored_tokens
+    # four bins of four positions: token-weighted means of the reference sums
+    binned = plot_positions({"r": pd.read_parquet(tmp_path / "r" / "positions.parquet")}, tmp_path / "p4.png", bins=4)
+    assert binned.start.tolist() == [0, 4, 8, 12] and binned.position.tolist() == [1.5, 5.5, 9.5, 13.5]
+    assert binned.mean_nll.tolist() == pytest.approx([sum(sums[b : b + 4]) / sum(counts[b : b + 4]) for b in (0, 4, 8, 12)], rel=1e-5)
 
 
 def test_cli_sweep_compare_and_positions(tiny, tiny_corpus, tmp_path):

@@ -72,6 +72,14 @@ def _expand(spec: str) -> Iterator[Path]:
                 yield from _expand(m)
 
 
+def unique_labels(runs: list[Run]) -> None:
+    """Runs that share a name (e.g. the points of a sweep) are labelled by their folder instead."""
+    names = [r.label for r in runs]
+    for r in runs:
+        if names.count(r.label) > 1:
+            r.record = {**r.record, "name": r.path.name}
+
+
 def find_runs(specs: list[str]) -> list[Run]:
     """Run folders from paths to run folders, result.json files, results folders or globs."""
     runs, seen = [], set()
@@ -86,6 +94,7 @@ def find_runs(specs: list[str]) -> list[Run]:
                     runs.append(Run(d, read_record(d)))
                 except (OSError, ValueError) as err:
                     raise HarnessError(f"cannot read {d / RECORD}: {err}; re-run that config or remove the folder") from None
+    unique_labels(runs)
     return runs
 
 

@@ -29,6 +29,7 @@ def _config_file(tmp_path, folder, corpus) -> str:
     data = tiny_config(folder, corpus)
     data["eval"].pop("max_length")
     data["eval"]["stride"] = 8
+    data["name"] = "tiny"
     path.write_text(yaml.safe_dump(data))
     return str(path)
 
@@ -146,3 +147,7 @@ def test_cli_sweep_compare_and_positions(tiny, tiny_corpus, tmp_path):
     assert out.exit_code != 0 and "protocol.max_length differs" in str(out.exception)
     out = cli.invoke(app, ["positions", str(tmp_path / "sw"), "-o", str(tmp_path / "pos.png")])
     assert out.exit_code == 0 and (tmp_path / "pos.png").stat().st_size > 2000
+    from harness.compare import find_runs
+
+    # the points share the config's name: they are told apart by their folders
+    assert [r.label for r in find_runs([str(tmp_path / "sw")])] == ["max_length=16", "max_length=32"]

@@ -134,6 +134,64 @@ def reproduce_cmd(
         raise typer.Exit(1)
 
 
+@app.command("compare")
+def compare_cmd(
+    records: List[str] = typer.Argument(..., help="Run folders, result.json files, a results folder, or globs."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", "-b", help="Run (name, run id or folder) to compare against (default: the first)."),
+    bits_per_byte: bool = typer.Option(False, "--bits-per-byte", help="Compare bits per byte; allows different tokenizers."),
+    plot: bool = typer.Option(False, "--plot", help="Also draw compare.png: perplexity per run with its 95% interval."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where compare.csv/.md/.png go (default: beside the records)."),
+    samples: int = typer.Option(1000, help="Bootstrap resamples for the paired test."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    kl: bool = typer.Option(False, "--kl", help="All KL statistics of KL-mode records (median, p90, p99, max, RMS dp, PPL ratio)."),
+):
+    """Compare runs against a baseline: perplexity, its interval, bits per byte, paired significance."""
+    from .compare import compare, default_output, write_comparison
+
+    comp = compare(records, baseline, across_tokenizers=bits_per_byte, samples=samples, seed=seed, kl_details=kl)
+    paths = write_comparison(comp, output_dir or default_output(records, comp.runs), plot=plot)
+    typer.echo(comp.markdown())
+    typer.echo("written: " + ", ".join(map(str, paths)))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: Path = typer.Argument(..., help="YAML config (see configs/)."),
+    overrides: List[str] = typer.Argument(..., help="KEY=V1,V2,... to sweep (several make a grid); KEY=VALUE fixed."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Sweep folder (default results/sweep-<time>-<fields>/)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Run a grid of overrides, one record per point, and plot perplexity against the swept value."""
+    from .sweep import plan, run_sweep
+
+    sweep = run_sweep(plan(config, overrides, output_dir), progress=progress)
+    cols = [*sweep.keys, "perplexity", "ci95_low", "ci95_high", "bits_per_byte", "scored_tokens"]
+    typer.echo(sweep.table[cols].infer_objects().to_markdown(index=False, floatfmt=".4f"))
+    typer.echo(f"written: {sweep.dir / 'sweep.csv'}, {sweep.dir / 'sweep.png'}, {sweep.dir / 'positions.png'}")
+
+
+@app.command("positions")
+def positions_cmd(
+    records: List[str] = typer.Argument(..., help="Run folders, result.json files, a results folder, or globs."),
+    output: Path = typer.Option(Path("positions.png"), "--output", "-o", help="PNG to write."),
+    bins: int = typer.Option(32, help="Average positions in this many equal ranges (0: every position)."),
+):
+    """Plot mean NLL against position in the window (how much context helps), one line per run."""
+    import pandas as pd
+
+    from .compare import find_runs
+    from .plots import plot_positions
+
+    frames = {}
+    for r in find_runs(records):
+        f = r.path / "positions.parquet"
+        if not f.is_file():
+            _fail(f"{f} not found: re-run with output.save_windows: true")
+        frames[r.label] = pd.read_parquet(f)
+    plot_positions(frames, output, bins=bins or None)
+    typer.echo(f"written: {output}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -45,6 +45,10 @@ class ModelConfig(_Section):
     attn_implementation: str | None = Field(None, description="sdpa, eager, ... (transformers' default if unset).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless set.")
     allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors/GGUF otherwise.")
+    quantize: Literal["dynamic-int8", "int8-weight-only"] | None = Field(
+        None, description="Quantize the body's Linear layers: dynamic-int8 (torch.ao dynamic: int8 weights and "
+        "activations, CPU, float32) or int8-weight-only (weights rounded to int8 per output channel)."
+    )
 
     @field_validator("device")
     @classmethod
@@ -52,6 +56,12 @@ class ModelConfig(_Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
             raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
         return v
+
+    @model_validator(mode="after")
+    def _quantize(self) -> "ModelConfig":
+        if self.quantize == "dynamic-int8" and (self.dtype != "float32" or self.device != "cpu" or self.device_map):
+            raise ValueError("quantize: dynamic-int8 runs on the CPU in float32; set dtype: float32 and device: cpu")
+        return self
 
 
 class CorpusConfig(_Section):

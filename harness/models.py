@@ -137,6 +137,44 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     if not cfg.device_map:
         model.to(device or pick_device(cfg.device))
     model.eval()
+    if cfg.quantize:
+        quantize(model, cfg.quantize)
+    return model
+
+
+def quantize(model, method: str):
+    """Quantize the transformer body's Linear layers (the output head stays as loaded).
+
+    ``dynamic-int8`` (torch.ao ``quantize_dynamic``): int8 weights, and activations quantized to
+    int8 per tensor at run time; CPU kernels, float32 model. Per-tensor activation scales suffer
+    from the large outliers at the MLP down-projection of Llama-style models.
+    ``int8-weight-only``: each weight rounded to int8 with one symmetric scale per output channel
+    (``torch.quantize_per_channel``) and stored dequantized, so the computation is unchanged and
+    only the weights' rounding error remains. Both keep the output head, as most schemes keep
+    it at higher precision (and the chunked scoring reads its weight).
+    """
+    import warnings
+
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao's eager quantization warns that it moves to torchao; it still ships and works here
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
+        if method == "dynamic-int8":
+            quantize_dynamic(model.base_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        elif method == "int8-weight-only":
+            with torch.no_grad():
+                for mod in model.base_model.modules():
+                    if isinstance(mod, torch.nn.Linear):
+                        w = mod.weight.float()
+                        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+                        zero = torch.zeros(w.shape[0], dtype=torch.int64)
+                        q = torch.quantize_per_channel(w.cpu(), scale, zero, axis=0, dtype=torch.qint8)
+                        mod.weight.copy_(q.dequantize().to(mod.weight.device, mod.weight.dtype))
+        else:  # the config schema admits only the names above
+            raise AssertionError(method)
     return model
 
 

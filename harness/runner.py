@@ -129,8 +129,11 @@ def _corpus_sha256(streams_text: list[str]) -> str:
     return h.hexdigest()
 
 
-def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True):
-    """Score windows in batches; returns per-window records and NLL-by-position statistics."""
+def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True, scorer=None):
+    """Score windows in batches; returns per-window records and NLL-by-position statistics.
+
+    ``scorer(batch, windows) -> nlls`` replaces the plain scoring (kl.PairScorer runs two models).
+    """
     from tqdm.auto import tqdm
 
     bos_id = tokenizer.bos_token_id
@@ -147,7 +150,7 @@ def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_s
     for i in range(0, len(order), batch_size):
         chunk = order[i : i + batch_size]
         batch = build_batch(chunk, streams, bos_id, prefix_id, pad_id)
-        nlls = token_nlls(model, batch, logits_chunk)
+        nlls = scorer(batch, chunk) if scorer else token_nlls(model, batch, logits_chunk)
         check_finite(nlls, chunk, batch.counts)
         positions.add(batch.cols.numpy(), nlls)
         nll64 = nlls.astype(np.float64)
@@ -179,12 +182,14 @@ def run(
     *,
     model=None,
     tokenizer=None,
+    baseline_model=None,
     progress: bool = True,
     write: bool = True,
 ) -> Result:
     """Evaluate ``cfg``; write the record and update the results table unless ``write=False``.
 
-    ``model`` and ``tokenizer`` may be passed in already loaded (tests load a real model once).
+    ``model``, ``tokenizer`` and ``baseline_model`` may be passed in already loaded (tests load a
+    real model once). With ``cfg.baseline_model`` the record gets a ``kl`` object (see kl.py).
     """
     t0 = time.perf_counter()
     dist = Distributor(cfg.model.device)
@@ -209,10 +214,16 @@ def run(
     windows = protocols.plan(settings, [len(s) for s in streams])
     batch_size = cfg.eval.batch_size if isinstance(cfg.eval.batch_size, int) else 1
 
+    pair = None
+    if cfg.baseline_model is not None:
+        from .kl import PairScorer, load_baseline
+
+        baseline_model = baseline_model or load_baseline(cfg, tokenizer, dist.device)
+        pair = PairScorer(model, baseline_model, cfg.eval.logits_chunk)
     mine = dist.shard(windows)
     records, positions, scoring_seconds = score_windows(
         model, tokenizer, streams, mine, batch_size, cfg.eval.logits_chunk, cfg.eval.sort_by_length,
-        settings.max_length, progress=progress and dist.is_main,
+        settings.max_length, progress=progress and dist.is_main, scorer=pair,
     )
     records = sorted(dist.gather(records), key=lambda r: r.index)
     pos_parts = dist.gather([positions])
@@ -273,6 +284,10 @@ def run(
         "versions": _versions(),
     }
     frame = pd.DataFrame([asdict(r) for r in records]).assign(running_perplexity=running_perplexity(records))
+    if pair is not None:
+        accs = dist.gather([pair.acc])
+        record["kl"] = sum(accs[1:], accs[0]).summary()
+        frame = frame.merge(pd.DataFrame(dist.gather(pair.window_rows)), on="index", how="left")
     pos = pd.DataFrame({"position": np.arange(len(positions.count)), "sum_nll": positions.sum_nll, "count": positions.count})
     pos = pos[pos["count"] > 0].assign(mean_nll=lambda d: d.sum_nll / d["count"])
     result = Result(record, frame, None, pos)

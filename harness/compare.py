@@ -1,0 +1,345 @@
+"""Comparing runs: one table from several result records, with an honest significance test.
+
+Records are views on disk (``result.json`` and the ``windows.parquet`` beside it), so a
+comparison never re-runs a model. Perplexity is only comparable between runs that scored the
+*same tokens*: the same tokenizer, the same corpus text and length, the same protocol settings.
+``check_comparable`` refuses anything else and names the field that differs. Bits per byte
+divides by the bytes of the scored text instead of a token count, so it compares models with
+different tokenizers (``across_tokenizers=True``), as long as the corpus and protocol match.
+
+Significance. Two runs that scored the same windows are *paired*: the difference of their
+per-unit NLL sums removes most of the corpus's own variance (hard documents are hard for both).
+``paired_bootstrap`` resamples units (documents, or windows of a single stream) with replacement
+and recomputes, for each resample, ``PPL_B - PPL_A = exp(sum_B / n) - exp(sum_A / n)`` on the
+same drawn units; the 2.5 and 97.5 percentiles give the 95% interval of the difference, and the
+difference is significant when that interval excludes zero. Unpaired runs (no windows file, or
+different windows) fall back to asking whether the two 95% intervals are disjoint, which is
+conservative and said so in the table.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .errors import HarnessError
+from .results import RECORD, WINDOWS, atomic_write_text, iter_records, read_record
+
+WINDOW_KEYS = ["doc", "begin", "end", "score_begin", "score_end", "prefix", "replace_first"]
+# settings that follow from the tokenizer itself (whether it adds BOS), not from the user's choice
+TOKENIZER_DEPENDENT = {"tokenizer.fingerprint", "corpus.tokens", "protocol.bos", "protocol.add_special_tokens"}
+NOTE = (
+    "Perplexity compares only runs on the same tokens (tokenizer, corpus and protocol checked); "
+    "bits per byte also compares across tokenizers."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding records
+
+
+@dataclass
+class Run:
+    path: Path  # the run folder
+    record: dict
+
+    @property
+    def label(self) -> str:
+        return str(self.record.get("name") or self.record.get("run_id") or self.path.name)
+
+    def windows(self) -> pd.DataFrame | None:
+        f = self.path / WINDOWS
+        return pd.read_parquet(f) if f.is_file() else None
+
+
+def _expand(spec: str) -> Iterator[Path]:
+    p = Path(spec)
+    if p.is_file():
+        yield p.parent
+    elif p.is_dir() and (p / RECORD).is_file():
+        yield p
+    elif p.is_dir():
+        yield from (f.parent for f, _ in iter_records(p))
+    else:
+        for m in sorted(glob.glob(spec)):
+            if Path(m).is_dir() or Path(m).name == RECORD:
+                yield from _expand(m)
+
+
+def unique_labels(runs: list[Run]) -> None:
+    """Runs that share a name (e.g. the points of a sweep) are labelled by their folder instead."""
+    names = [r.label for r in runs]
+    for r in runs:
+        if names.count(r.label) > 1:
+            r.record = {**r.record, "name": r.path.name}
+
+
+def find_runs(specs: list[str]) -> list[Run]:
+    """Run folders from paths to run folders, result.json files, results folders or globs."""
+    runs, seen = [], set()
+    for spec in specs:
+        found = list(_expand(str(spec)))
+        if not found:
+            raise HarnessError(f"no result records at '{spec}': give run folders, result.json files, a results folder or a glob")
+        for d in found:
+            if d.resolve() not in seen:
+                seen.add(d.resolve())
+                try:
+                    runs.append(Run(d, read_record(d)))
+                except (OSError, ValueError) as err:
+                    raise HarnessError(f"cannot read {d / RECORD}: {err}; re-run that config or remove the folder") from None
+    unique_labels(runs)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparability
+
+
+def _get(record: dict, dotted: str):
+    node = record
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def comparable_fields(a: dict, b: dict) -> list[str]:
+    keys = set((a.get("protocol") or {})) | set((b.get("protocol") or {}))
+    return ["tokenizer.fingerprint", "corpus.text_sha256", "config.corpus.max_tokens", "corpus.tokens",
+            *(f"protocol.{k}" for k in sorted(keys))]
+
+
+def check_comparable(base: Run, other: Run, across_tokenizers: bool = False) -> None:
+    """Raise HarnessError naming the first field that makes ``other`` incomparable with ``base``."""
+    for name in comparable_fields(base.record, other.record):
+        if across_tokenizers and name in TOKENIZER_DEPENDENT:
+            continue
+        va, vb = _get(base.record, name), _get(other.record, name)
+        if va != vb:
+            if name in TOKENIZER_DEPENDENT and not across_tokenizers:
+                fix = "perplexity needs the same tokens; pass --bits-per-byte to compare bits per byte across tokenizers"
+            else:
+                fix = "compare runs of the same corpus text and protocol settings"
+            raise HarnessError(f"{name} differs: {base.label} has {va!r}, {other.label} has {vb!r}; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired bootstrap (pure numpy)
+
+
+def resample_indices(n: int, samples: int, seed: int, chunk: int = 256) -> Iterator[np.ndarray]:
+    """Bootstrap draws of ``n`` unit indices, ``chunk`` resamples at a time (bounded memory)."""
+    rng = np.random.default_rng(seed)
+    for k in range(0, samples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, samples - k), n))
+
+
+def _metric(sum_nll, denom, metric: str):
+    if metric == "perplexity":
+        return np.exp(np.asarray(sum_nll) / denom)
+    return np.asarray(sum_nll) / (np.asarray(denom) * math.log(2))  # bits per byte
+
+
+@dataclass
+class Paired:
+    """B against A on the same units: the difference of a metric, its interval and a verdict."""
+
+    metric: str  # "perplexity" or "bits_per_byte"
+    units: int
+    delta: float  # metric(B) - metric(A) on all units
+    ratio: float  # metric(B) / metric(A)
+    ci95: list[float]  # percentile interval of delta
+    ratio_ci95: list[float]
+    p_value: float  # two-sided: 2 * min(share of resamples with delta <= 0, with delta >= 0)
+    samples: int
+    stats: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+
+    @property
+    def significant(self) -> bool:
+        return not (self.ci95[0] <= 0.0 <= self.ci95[1])
+
+
+def paired_bootstrap(
+    nll_a, nll_b, denom_a, denom_b=None, *, metric: str = "perplexity", samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> Paired:
+    """Paired percentile bootstrap of metric(B) - metric(A) over units.
+
+    ``nll_a[i]`` and ``nll_b[i]`` are the NLL sums (nats) of unit ``i`` under runs A and B,
+    ``denom_a[i]`` its token count (perplexity) or byte count (bits per byte); ``denom_b``
+    defaults to ``denom_a`` (the same tokens). Every resample draws the same units for A and B.
+    """
+    a, b = np.asarray(nll_a, np.float64), np.asarray(nll_b, np.float64)
+    da = np.asarray(denom_a, np.float64)
+    db = da if denom_b is None else np.asarray(denom_b, np.float64)
+    if not (len(a) == len(b) == len(da) == len(db)) or len(a) < 2:
+        raise ValueError("paired bootstrap needs at least two units, the same number for both runs")
+    if samples < 1:
+        raise ValueError("samples must be positive")
+    va, vb = _metric(a.sum(), da.sum(), metric), _metric(b.sum(), db.sum(), metric)
+    delta = np.empty(samples)
+    ratio = np.empty(samples)
+    k = 0
+    for idx in resample_indices(len(a), samples, seed):
+        ma = _metric(a[idx].sum(1), da[idx].sum(1), metric)
+        mb = _metric(b[idx].sum(1), db[idx].sum(1), metric)
+        delta[k : k + len(idx)], ratio[k : k + len(idx)] = mb - ma, mb / ma
+        k += len(idx)
+    q = [(1 - level) / 2, (1 + level) / 2]
+    p = min(1.0, 2 * min(np.mean(delta <= 0), np.mean(delta >= 0)))
+    return Paired(metric, len(a), float(vb - va), float(vb / va), [float(x) for x in np.quantile(delta, q)],
+                  [float(x) for x in np.quantile(ratio, q)], float(p), samples, delta)
+
+
+def paired_units(wa: pd.DataFrame, wb: pd.DataFrame, denom: str = "tokens") -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per-unit (nll_a, nll_b, denom_a, denom_b) when two runs scored the same units, else None.
+
+    For tokens: the same windows (spans and counts). For bytes across tokenizers: the same
+    documents (windows then differ, so a single stream cannot be paired).
+    """
+    if denom == "tokens":
+        ka = wa.sort_values(WINDOW_KEYS).reset_index(drop=True)
+        kb = wb.sort_values(WINDOW_KEYS).reset_index(drop=True)
+        if len(ka) != len(kb) or not ka[WINDOW_KEYS + ["tokens"]].equals(kb[WINDOW_KEYS + ["tokens"]]):
+            return None
+        if ka.doc.nunique() > 1:
+            ga, gb = ka.groupby("doc", sort=True), kb.groupby("doc", sort=True)
+            return ("documents", ga.sum_nll.sum().to_numpy(), gb.sum_nll.sum().to_numpy(),
+                    ga.tokens.sum().to_numpy(), gb.tokens.sum().to_numpy())
+        return "windows", ka.sum_nll.to_numpy(), kb.sum_nll.to_numpy(), ka.tokens.to_numpy(), kb.tokens.to_numpy()
+    ga, gb = wa.groupby("doc").agg({"sum_nll": "sum", denom: "sum"}), wb.groupby("doc").agg({"sum_nll": "sum", denom: "sum"})
+    if len(ga) < 2 or not ga.index.equals(gb.index):
+        return None
+    return "documents", ga.sum_nll.to_numpy(), gb.sum_nll.to_numpy(), ga[denom].to_numpy(), gb[denom].to_numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison table
+
+
+@dataclass
+class Comparison:
+    table: pd.DataFrame
+    baseline: str
+    metric: str  # what the delta, interval and verdict are about
+    note: str
+    runs: list[Run] = field(repr=False, default_factory=list)
+
+    def markdown(self) -> str:
+        return self.table.to_markdown(index=False, floatfmt=".4f") + f"\n\n{self.note}\n"
+
+
+def _pick_baseline(runs: list[Run], baseline: str | None) -> Run:
+    if baseline is None:
+        return runs[0]
+    for r in runs:
+        if baseline in (r.label, r.record.get("run_id"), r.path.name, str(r.path)):
+            return r
+    labels = ", ".join(r.label for r in runs)
+    raise HarnessError(f"--baseline: no run named '{baseline}' among {labels}; give one of those names")
+
+
+KL_DETAILS = ["median", "p90", "p99", "max", "rms_delta_p", "ppl_ratio"]
+
+
+def _row(run: Run, kl_details: bool = False) -> dict:
+    r, cfg = run.record, run.record.get("config") or {}
+    model = cfg.get("model") or {}
+    ci = r.get("ci95") or [None, None]
+    return {
+        "run": run.label,
+        "model": model.get("gguf_file") or model.get("name_or_path"),
+        "dtype": model.get("dtype"),
+        "quantize": model.get("quantize") or "-",
+        "scored_tokens": r.get("scored_tokens"),
+        "perplexity": r.get("perplexity"),
+        "ci95_low": ci[0],
+        "ci95_high": ci[1],
+        "bits_per_byte": r.get("bits_per_byte"),
+        # KL mode records: against the run's own baseline_model, not the table's baseline
+        "kl_mean": (r.get("kl") or {}).get("mean"),
+        "kl_top1_agreement": (r.get("kl") or {}).get("top1_agreement"),
+        **({f"kl_{k}": (r.get("kl") or {}).get(k) for k in KL_DETAILS} if kl_details else {}),
+    }
+
+
+def compare(
+    specs: list[str], baseline: str | None = None, *, across_tokenizers: bool = False, samples: int = 1000, seed: int = 0,
+    kl_details: bool = False,
+) -> Comparison:
+    """The comparison table of the runs found at ``specs`` against ``baseline`` (default: the first)."""
+    runs = find_runs(specs)
+    if len(runs) < 2:
+        raise HarnessError(f"compare needs at least two runs, found {len(runs)} at {' '.join(map(str, specs))}")
+    base = _pick_baseline(runs, baseline)
+    for r in runs:
+        check_comparable(base, r, across_tokenizers)
+    metric = "bits_per_byte" if across_tokenizers else "perplexity"
+    base_win = base.windows()
+    rows = []
+    for run in [base, *(r for r in runs if r is not base)]:
+        row = _row(run, kl_details)
+        row["compared_on"] = "bits per byte (tokenizers may differ)" if across_tokenizers else "perplexity (same tokens)"
+        ppl, bppl = run.record.get("perplexity"), base.record.get("perplexity")
+        bpb, bbpb = run.record.get("bits_per_byte"), base.record.get("bits_per_byte")
+        row["delta_ppl"] = None if across_tokenizers else ppl - bppl
+        row["ppl_ratio"] = None if across_tokenizers else ppl / bppl
+        row["delta_bpb"] = bpb - bbpb if bpb is not None and bbpb is not None else None
+        row.update({"delta_ci95_low": None, "delta_ci95_high": None, "significant": None, "test": "baseline"})
+        if run is not base:
+            row.update(_significance(base, run, base_win, metric, samples, seed))
+        rows.append(row)
+    note = NOTE + f" Deltas are against {base.label}; 'significant' means the 95% interval of the {metric.replace('_', ' ')} difference excludes zero."
+    table = pd.DataFrame(rows)
+    if table.kl_mean.isna().all():
+        table = table.drop(columns=[c for c in table.columns if c.startswith("kl_")])
+    else:
+        note += " kl_mean (nats per token) and kl_top1_agreement are against each run's own baseline_model (KL mode)."
+    return Comparison(table, base.label, metric, note, runs)
+
+
+def _significance(base: Run, run: Run, base_win, metric: str, samples: int, seed: int) -> dict:
+    win = run.windows()
+    units = None
+    if base_win is not None and win is not None:
+        units = paired_units(base_win, win, "tokens" if metric == "perplexity" else "bytes")
+    if units is not None:
+        unit, a, b, da, db = units
+        res = paired_bootstrap(a, b, da, db, metric=metric, samples=samples, seed=seed)
+        return {"delta_ci95_low": res.ci95[0], "delta_ci95_high": res.ci95[1], "significant": res.significant,
+                "test": f"paired bootstrap over {len(a)} {unit}"}
+    if metric != "perplexity":
+        return {"test": "none: bits per byte pairs documents, and these runs are one stream each"}
+    lo_a, hi_a = base.record.get("ci95") or [None, None]
+    lo_b, hi_b = run.record.get("ci95") or [None, None]
+    if None in (lo_a, hi_a, lo_b, hi_b):
+        return {"test": "no intervals"}
+    return {"significant": bool(hi_b < lo_a or hi_a < lo_b), "test": "unpaired: 95% intervals disjoint (conservative)"}
+
+
+def write_comparison(comp: Comparison, out_dir: Path, plot: bool = False) -> list[Path]:
+    """compare.csv, compare.md (and compare.png) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "compare.csv", out_dir / "compare.md"
+    atomic_write_text(csv_path, comp.table.to_csv(index=False))
+    atomic_write_text(md_path, comp.markdown())
+    paths = [csv_path, md_path]
+    if plot:
+        from .plots import plot_compare
+
+        plot_compare(comp.table, out_dir / "compare.png")
+        paths.append(out_dir / "compare.png")
+    return paths
+
+
+def default_output(specs: list[str], runs: list[Run]) -> Path:
+    """A single results folder given: there; otherwise the parent of the first run."""
+    if len(specs) == 1 and Path(specs[0]).is_dir() and not (Path(specs[0]) / RECORD).is_file():
+        return Path(specs[0])
+    return runs[0].path.parent

@@ -1,0 +1,153 @@
+"""Sweeps and the per-position plot: each point against the plain reference loop, plots' data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness.errors import ConfigError, HarnessError
+from harness.sweep import plan, run_sweep, split_overrides
+
+from .conftest import tiny_config
+from .reference import sliding_reference
+
+
+def test_split_overrides():
+    fixed, swept = split_overrides(["eval.max_length=256,512,1024", "eval.stride=128", "corpus.join=[a,b]", "name='x,y'", "eval.bos=none,every"])
+    assert fixed == ["eval.stride=128", "corpus.join=[a,b]", "name='x,y'"]
+    assert swept == {"eval.max_length": ["256", "512", "1024"], "eval.bos": ["none", "every"]}
+    with pytest.raises(HarnessError, match="empty value"):
+        split_overrides(["eval.max_length=256,,512"])
+
+
+def _config_file(tmp_path, folder, corpus) -> str:
+    path = tmp_path / "tiny.yaml"
+    data = tiny_config(folder, corpus)
+    data["eval"].pop("max_length")
+    data["eval"]["stride"] = 8
+    data["name"] = "tiny"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_sweep_validates_every_point_first(tiny, tiny_corpus, tmp_path):
+    folder, _, _ = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    with pytest.raises(ConfigError, match="eval.max_length"):
+        plan(cfg, ["eval.max_length=16,0"], tmp_path / "sweep")
+    with pytest.raises(HarnessError, match="no swept field"):
+        plan(cfg, ["eval.max_length=16"], tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_grid_against_reference(tiny, tiny_corpus, tmp_path):
+    folder, model, tok = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    sweep = plan(cfg, ["eval.max_length=16,32", "eval.bos=none,stream", "eval.bootstrap=20"], tmp_path / "sweep")
+    assert [p.values for p in sweep.points] == [
+        {"eval.max_length": 16, "eval.bos": "none"}, {"eval.max_length": 16, "eval.bos": "stream"},
+        {"eval.max_length": 32, "eval.bos": "none"}, {"eval.max_length": 32, "eval.bos": "stream"},
+    ]
+    run_sweep(sweep, progress=False, model=model, tokenizer=tok)
+    docs = [json.loads(line)["text"] for line in tiny_corpus.read_text().splitlines() if line.strip()]
+    text = "\n\n".join(docs)
+    for p in sweep.points:
+        L, bos = p.values["eval.max_length"], p.values["eval.bos"]
+        ids = tok(text, add_special_tokens=bos == "stream")["input_ids"]
+        s, n, _ = sliding_reference(model, ids, L, 8, bos, tok.bos_token_id)
+        assert p.record["scored_tokens"] == n
+        assert p.record["perplexity"] == pytest.approx(math.exp(s / n), rel=1e-6)
+        assert (p.run_dir / "result.json").is_file()
+    # sweep.csv and the plotted numbers are the records' numbers
+    csv = pd.read_csv(sweep.dir / "sweep.csv")
+    assert len(csv) == 4 and (sweep.dir / "table.csv").is_file()
+    plotted = sweep.plotted.sort_values(["eval.bos", "eval.max_length"])
+    expect = sorted(((p.values["eval.bos"], p.values["eval.max_length"]), p.record["perplexity"]) for p in sweep.points)
+    assert plotted.perplexity.tolist() == pytest.approx([v for _, v in expect])
+    assert plotted["eval.max_length"].tolist() == [16, 32, 16, 32]
+    png = sweep.dir / "sweep.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 2000
+    # per-position plot: one line per point, its numbers are positions.parquet's, summing to the record
+    pos = sweep.positions
+    assert sorted(pos.run.unique()) == sorted(f"max_length={p.values['eval.max_length']}__bos={p.values['eval.bos']}" for p in sweep.points)
+    for p in sweep.points:
+        L = p.values["eval.max_length"]
+        label = f"max_length={L}__bos={p.values['eval.bos']}"
+        mine = pos[pos.run == label]
+        parquet = pd.read_parquet(p.run_dir / "positions.parquet")
+        # 32 bins over positions 0 .. L-1: ranges of ceil(L / 32) positions, token-weighted means
+        width = -(-L // 32)
+        ref = {}
+        for k, s_, c in zip(parquet.position, parquet.sum_nll, parquet["count"]):
+            b0 = k // width * width
+            ref[b0] = (ref.get(b0, (0.0, 0))[0] + s_, ref.get(b0, (0.0, 0))[1] + c)
+        assert mine.start.tolist() == sorted(ref)
+        assert mine.mean_nll.tolist() == pytest.approx([ref[b][0] / ref[b][1] for b in sorted(ref)])
+        assert mine["count"].sum() == p.record["scored_tokens"]
+        assert (mine.mean_nll * mine["count"]).sum() == pytest.approx(p.record["sum_nll"], rel=1e-9)
+        assert mine.end.max() <= L
+    assert (sweep.dir / "positions.png").stat().st_size > 2000
+    with pytest.raises(HarnessError, match="not empty"):
+        run_sweep(plan(cfg, ["eval.max_length=16,32"], tmp_path / "sweep"), progress=False, model=model, tokenizer=tok)
+
+
+def test_positions_reference_on_one_window(tiny, tiny_corpus, tmp_path):
+    """The plotted mean NLL at each position, against the full-logit reference (stride = L)."""
+    from harness.plots import plot_positions
+    from harness.config import validate
+    from harness.runner import run
+
+    from .reference import full_logprobs
+
+    folder, model, tok = tiny
+    L = 16
+    res = run(validate(tiny_config(folder, tiny_corpus, max_length=L, stride=L, bos="none")), tmp_path / "r",
+              model=model, tokenizer=tok, progress=False)
+    data = plot_positions({"r": pd.read_parquet(tmp_path / "r" / "positions.parquet")}, tmp_path / "p.png")
+    docs = [json.loads(line)["text"] for line in tiny_corpus.read_text().splitlines() if line.strip()]
+    ids = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    sums, counts = [0.0] * L, [0] * L
+    for b in range(0, len(ids), L):
+        chunk = ids[b : b + L]
+        if len(chunk) < 2:
+            continue
+        lp = full_logprobs(model, chunk)
+        for k in range(len(chunk) - 1):
+            sums[k] -= float(lp[k, chunk[k + 1]])
+            counts[k] += 1
+    ref = [s / c for s, c in zip(sums, counts) if c]
+    assert data.mean_nll.tolist() == pytest.approx(ref, rel=1e-5)
+    assert data["count"].tolist() == [c for c in counts if c]
+    assert sum(counts) == res.scored_tokens
+    # four bins of four positions: token-weighted means of the reference sums
+    binned = plot_positions({"r": pd.read_parquet(tmp_path / "r" / "positions.parquet")}, tmp_path / "p4.png", bins=4)
+    assert binned.start.tolist() == [0, 4, 8, 12] and binned.position.tolist() == [1.5, 5.5, 9.5, 13.5]
+    assert binned.mean_nll.tolist() == pytest.approx([sum(sums[b : b + 4]) / sum(counts[b : b + 4]) for b in (0, 4, 8, 12)], rel=1e-5)
+
+
+def test_cli_sweep_compare_and_positions(tiny, tiny_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    folder, _, _ = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    cli = CliRunner()
+    out = cli.invoke(app, ["sweep", cfg, "eval.max_length=16,32", "eval.bootstrap=20", "-o", str(tmp_path / "sw"), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    table = pd.read_csv(tmp_path / "sw" / "sweep.csv")
+    assert table["eval.max_length"].tolist() == [16, 32]
+    for ppl in table.perplexity:
+        assert f"{ppl:.4f}" in out.output
+    out = cli.invoke(app, ["compare", str(tmp_path / "sw" / "*"), "--plot"])
+    assert out.exit_code != 0 and "protocol.max_length differs" in str(out.exception)
+    out = cli.invoke(app, ["positions", str(tmp_path / "sw"), "-o", str(tmp_path / "pos.png")])
+    assert out.exit_code == 0 and (tmp_path / "pos.png").stat().st_size > 2000
+    from harness.compare import find_runs
+
+    # the points share the config's name: they are told apart by their folders
+    assert [r.label for r in find_runs([str(tmp_path / "sw")])] == ["max_length=16", "max_length=32"]

@@ -56,7 +56,10 @@ def run_cmd(
         ("tokens/s", f"{r['tokens_per_second']:.1f}"),
         ("wall time", f"{r['wall_seconds']:.1f} s"),
         ("peak memory", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"),
+        ("batch size", f"{r['batch_size']} x {r['world_size']} process(es)"),
     ]
+    if r.get("resumed_windows"):
+        rows.append(("resumed", f"{r['resumed_windows']:,} windows taken over from the interrupted run"))
     for k, v in rows:
         typer.echo(f"{k:>16}  {v}")
     typer.echo(f"record: {result.run_dir / 'result.json'}")
@@ -110,8 +113,10 @@ def main() -> None:
     except HarnessError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written for the unfinished run; run the same command again to start over", err=True)
+    except KeyboardInterrupt as err:
+        # the runner's Interrupted says how many windows were kept and how to resume
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(str(err) or "interrupted: nothing was written; run the same command again to start over", err=True)
         sys.exit(130)
 
 

@@ -26,13 +26,15 @@ import pandas as pd
 from . import __version__, protocols
 from .accumulate import PositionStats, WindowRecord, bootstrap_ci, bootstrap_units, domain_metrics, metrics, override_counts, total
 from .config import RunConfig
-from .corpus import concatenate, load_documents
+from .batching import choose_batch_size
+from .cache import tokenized_corpus
+from .checkpoint import Finished, ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
 from .distributed import Distributor
 from .errors import HarnessError
 from .models import adds_bos, describe_tokenizer, load_model, load_tokenizer, max_positions
 from .results import WINDOWS, write_frame, write_record, write_table
-from .scoring import build_batch, check_finite, token_nlls
-from .tokens import TokenStream, tokenize
+from .scoring import build_batch, check_finite, input_device, token_nlls
+from .tokens import TokenStream
 
 
 @dataclass
@@ -61,6 +63,9 @@ def config_hash(cfg: RunConfig, settings: protocols.Settings) -> str:
     payload = cfg.model_dump(mode="json", exclude={"output": True, "name": True})
     payload["eval"].pop("sort_by_length", None)  # batching order cannot change a number
     payload["eval"].pop("batch_size", None)
+    payload["eval"].pop("max_batch_size", None)
+    for key in ("streaming", "cache"):  # how the corpus is read cannot change a number either
+        payload["corpus"].pop(key, None)
     payload["settings"] = settings.as_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -117,17 +122,11 @@ def _peak_memory_bytes() -> int:
     return rss if platform.system() == "Darwin" else rss * 1024
 
 
-def _corpus_sha256(streams_text: list[str]) -> str:
-    h = hashlib.sha256()
-    for i, t in enumerate(streams_text):
-        if i:
-            h.update(b"\x00")
-        h.update(t.encode("utf-8"))
-    return h.hexdigest()
+def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True, on_batch=None):
+    """Score windows in batches; returns per-window records and NLL-by-position statistics.
 
-
-def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True):
-    """Score windows in batches; returns per-window records and NLL-by-position statistics."""
+    ``on_batch(finished)`` is called after each batch with its windows' records and NLLs.
+    """
     from tqdm.auto import tqdm
 
     bos_id = tokenizer.bos_token_id
@@ -149,6 +148,7 @@ def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_s
         positions.add(batch.cols.numpy(), nlls)
         nll64 = nlls.astype(np.float64)
         offset = 0
+        first = len(records)
         for w, n in zip(chunk, batch.counts):
             part = nll64[offset : offset + n]
             offset += n
@@ -163,6 +163,9 @@ def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_s
                     domain=s.domain,
                 )
             )
+        if on_batch is not None:
+            ends = np.cumsum(batch.counts)
+            on_batch([Finished(r, nlls[e - r.tokens : e]) for r, e in zip(records[first:], ends)])
         scored += len(nlls)
         bar.update(len(chunk))
         bar.set_postfix(tok_s=f"{scored / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False)
@@ -193,26 +196,34 @@ def run(
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     early = protocols.resolve(cfg, adds_bos(tokenizer), None)
     corpus_cfg = cfg.corpus.model_copy(update={"mode": early.mode, "join": early.join, "detokenizer": early.detokenizer})
-    docs = load_documents(corpus_cfg)
-    if early.mode == "concat":
-        docs = [concatenate(docs, early.join)]
-    streams = tokenize(tokenizer, docs, early.add_special_tokens, cfg.corpus.max_tokens)
-    if not streams:
-        raise HarnessError("corpus: no tokens after tokenizing; check the corpus and corpus.max_tokens")
+    corpus = tokenized_corpus(corpus_cfg, tokenizer, early, is_main=dist.is_main)
+    streams = corpus.streams
     t_loaded_corpus = time.perf_counter()
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve(cfg, adds_bos(tokenizer), max_positions(model))
     windows = protocols.plan(settings, [len(s) for s in streams])
-    batch_size = cfg.eval.batch_size if isinstance(cfg.eval.batch_size, int) else 1
+    chash = config_hash(cfg, settings)
 
-    mine = dist.shard(windows)
-    records, positions, scoring_seconds = score_windows(
-        model, tokenizer, streams, mine, batch_size, cfg.eval.logits_chunk, cfg.eval.sort_by_length,
-        settings.max_length, progress=progress and dist.is_main,
+    # windows finished by an earlier, interrupted run of this config are taken over, not rescored
+    log = ResumeLog(Path(output_dir or root), chash, len(windows), output_dir is not None) if write and dist.is_main else None
+    done = dist.broadcast(log.open() if log else []) if write else []
+    mine = dist.shard_padded(remaining(windows, done), padding)
+    batch_size = choose_batch_size(
+        cfg.eval, lambda ws: score_windows(model, tokenizer, streams, ws, len(ws), cfg.eval.logits_chunk, False, settings.max_length, False),
+        mine, dist, on_cpu=input_device(model).type == "cpu",
     )
-    records = sorted(dist.gather(records), key=lambda r: r.index)
-    pos_parts = dist.gather([positions])
+    try:
+        records, positions, scoring_seconds = score_windows(
+            model, tokenizer, streams, mine, batch_size, cfg.eval.logits_chunk, cfg.eval.sort_by_length,
+            settings.max_length, progress=progress and dist.is_main,
+            on_batch=recorder(log, dist.gather) if write else None,
+        )
+    except KeyboardInterrupt:
+        raise interrupted(log, len(done) + (log.written if log else 0), len(windows)) from None
+    records = [r for r in dist.gather(records) if not is_padding(r)] + [f.record for f in done]
+    records.sort(key=lambda r: r.index)
+    pos_parts = dist.gather([positions]) + [positions_of(done, windows, settings.max_length)]
     positions = sum(pos_parts[1:], pos_parts[0])
     peaks = dist.gather([_peak_memory_bytes()])
     times = dist.gather([scoring_seconds])
@@ -224,7 +235,6 @@ def run(
     m = metrics(sums)
     unit, unit_nll, unit_tokens = bootstrap_units(records)
     boot = bootstrap_ci(unit_nll, unit_tokens, cfg.eval.bootstrap, cfg.eval.seed)
-    chash = config_hash(cfg, settings)
     run_id = cfg.output.run_id or (
         Path(output_dir).name if output_dir else
         f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(cfg.name or Path(cfg.model.gguf_file or cfg.model.name_or_path).stem)}-{settings.protocol}-{chash[:8]}"
@@ -246,6 +256,7 @@ def run(
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "batch_size": batch_size,
         "world_size": dist.world,
+        "resumed_windows": len(done),
         "device": str(next(model.parameters()).device),
         "protocol": settings.as_dict(),
         "domains": domain_metrics(records),
@@ -260,10 +271,12 @@ def run(
         },
         "tokenizer": {**describe_tokenizer(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)},
         "corpus": {
-            "documents": len(docs) if early.mode == "documents" else None,
+            "documents": corpus.documents if early.mode == "documents" else None,
             "streams": len(streams),
             "tokens": int(sum(len(s) for s in streams)),
-            "text_sha256": _corpus_sha256([d.text for d in docs]),
+            "text_sha256": corpus.text_sha256,
+            "streaming": cfg.corpus.streaming,
+            "token_cache": corpus.cache,
         },
         "versions": _versions(),
     }
@@ -279,5 +292,7 @@ def run(
         write_record(run_dir, record)
         write_table(run_dir.parent)
         result.run_dir = run_dir
+    if log:
+        log.close(delete=write)
     dist.barrier()
     return result

@@ -83,7 +83,6 @@ class ResumeLog:
         self.path = self.dir / f"{config_hash[:32]}.jsonl"
         self.header = {"config_hash": config_hash, "windows": n_windows}
         self.exclusive_folder = exclusive_folder  # the folder is this run's own: old logs are stale
-        self.written = 0
         self._file = None
 
     def open(self) -> list[Finished]:
@@ -129,7 +128,11 @@ class ResumeLog:
     def append(self, finished: list[Finished]) -> None:
         if finished:
             self._write_lines([_encode(f) for f in finished])
-            self.written += len(finished)
+
+    def kept(self) -> int:
+        """Windows the log holds now, read back from the file (an interrupt can land mid-append)."""
+        data = self.path.read_bytes()
+        return max(data[: data.rfind(b"\n") + 1].count(b"\n") - 1, 0)
 
     def close(self, delete: bool = False) -> None:
         if self._file is not None:
@@ -159,8 +162,9 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; the message says what was kept and how to resume."""
 
 
-def interrupted(log: ResumeLog | None, kept: int, total: int) -> Interrupted:
-    if log is None or kept == 0:
+def interrupted(log: ResumeLog | None, total: int) -> Interrupted:
+    kept = log.kept() if log is not None else 0
+    if kept == 0:
         return Interrupted("interrupted: no window was finished; run the same command again to start over")
     return Interrupted(
         f"interrupted: {kept} of {total} windows are kept in {log.path}; "

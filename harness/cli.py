@@ -41,7 +41,12 @@ def run_cmd(
     from .runner import run
 
     cfg = load_config(config, overrides or [])
-    result = run(cfg, output_dir, progress=progress)
+    try:
+        result = run(cfg, output_dir, progress=progress)
+    except KeyboardInterrupt as err:  # typer would exit 130 without a word
+        if os.environ.get("RANK", "0") == "0":  # the runner's message says what was kept and how to resume
+            typer.echo(str(err) or "interrupted: nothing was written; run the same command again to start over", err=True)
+        raise typer.Exit(130) from None
     if result.run_dir is None:
         return  # not the main process
     r = result.record
@@ -113,10 +118,8 @@ def main() -> None:
     except HarnessError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt as err:
-        # the runner's Interrupted says how many windows were kept and how to resume
-        if os.environ.get("RANK", "0") == "0":
-            typer.echo(str(err) or "interrupted: nothing was written; run the same command again to start over", err=True)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: nothing was written for the unfinished run; run the same command again to start over", err=True)
         sys.exit(130)
 
 

@@ -3,8 +3,9 @@
 config -> corpus -> tokens -> window plan -> scoring -> accumulation -> gather -> record -> table.
 
 Each step lives in its own module; this one only sequences them, times them and writes the
-outputs. Nothing is written until every window is scored and the metrics are finite, so a
-failed run leaves nothing half-written in the results folder.
+outputs. No record is written until every window is scored and the metrics are finite, so a
+failed run leaves nothing half-written in the results folder; finished windows go to a resume
+log as they are scored (checkpoint.py), so a rerun of a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def run(
             on_batch=recorder(log, dist.gather) if write else None,
         )
     except KeyboardInterrupt:
-        raise interrupted(log, len(done) + (log.written if log else 0), len(windows)) from None
+        raise interrupted(log, len(windows)) from None
     records = [r for r in dist.gather(records) if not is_padding(r)] + [f.record for f in done]
     records.sort(key=lambda r: r.index)
     pos_parts = dist.gather([positions]) + [positions_of(done, windows, settings.max_length)]

@@ -38,6 +38,13 @@ from .tokens import TokenStream, tokenize
 FORMAT = 1
 
 
+class _OneProcess:
+    rank, world, is_main = 0, 1, True
+
+    def gather(self, items: list) -> list:
+        return list(items)
+
+
 @dataclass
 class TokenizedCorpus:
     streams: list[TokenStream]
@@ -138,9 +145,12 @@ def _load(folder: Path) -> tuple[list[TokenStream], int, str] | None:
 # The step the runner calls
 
 
-def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings) -> tuple[list[TokenStream], int, str]:
+def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings, dist) -> tuple[list[TokenStream], int, str]:
     if cfg.streaming:
-        return streaming.tokenize_lazily(cfg, tokenizer, settings)
+        streams, documents, sha = streaming.tokenize_lazily(cfg, tokenizer, settings, dist.rank, dist.world)
+        if streaming.shards_documents(cfg, settings, dist.world):  # each rank tokenized its share of documents
+            streams = sorted(dist.gather(streams), key=lambda s: s.doc)
+        return streams, documents, sha
     docs = load_documents(cfg)
     n_docs = len(docs)
     if settings.mode == "concat":
@@ -151,19 +161,29 @@ def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings) -> tuple[list[Tok
     return tokenize(tokenizer, docs, settings.add_special_tokens, cfg.max_tokens), n_docs, h.hexdigest()
 
 
-def tokenized_corpus(cfg: CorpusConfig, tokenizer, settings, is_main: bool = True, say=None) -> TokenizedCorpus:
-    """The corpus as token streams: from the cache when it holds them, else read and tokenized."""
-    say = say or (lambda msg: print(msg, file=sys.stderr) if is_main else None)
+def tokenized_corpus(cfg: CorpusConfig, tokenizer, settings, dist=None) -> TokenizedCorpus:
+    """The corpus as token streams: from the cache when it holds them, else read and tokenized.
+
+    ``dist`` (a ``Distributor``) shares the tokenizing of a streamed corpus by documents."""
+    dist = dist or _OneProcess()
+    is_main = dist.is_main
+
+    def say(msg: str) -> None:
+        if is_main:
+            print(msg, file=sys.stderr)
+
     t0 = time.perf_counter()
     key = folder = None
     if cfg.cache:
         key = cache_key(cfg, settings, tokenizer)
         folder = cache_root() / key
         hit = _load(folder) if folder.is_dir() else None
+        if dist.world > 1:  # all ranks hit, or all tokenize (the sharded tokenizing gathers)
+            hit = hit if all(dist.gather([hit is not None])) else None
         if hit is not None:
             say(f"token cache: hit {folder}; tokenization skipped")
             return TokenizedCorpus(*hit, {"hit": True, "key": key, "path": str(folder), "seconds": time.perf_counter() - t0})
-    streams, documents, sha = _read_and_tokenize(cfg, tokenizer, settings)
+    streams, documents, sha = _read_and_tokenize(cfg, tokenizer, settings, dist)
     if not streams:
         raise HarnessError("corpus: no tokens after tokenizing; check the corpus and corpus.max_tokens")
     seconds = time.perf_counter() - t0

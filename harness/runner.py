@@ -197,7 +197,7 @@ def run(
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     early = protocols.resolve(cfg, adds_bos(tokenizer), None)
     corpus_cfg = cfg.corpus.model_copy(update={"mode": early.mode, "join": early.join, "detokenizer": early.detokenizer})
-    corpus = tokenized_corpus(corpus_cfg, tokenizer, early, is_main=dist.is_main)
+    corpus = tokenized_corpus(corpus_cfg, tokenizer, early, dist)
     streams = corpus.streams
     t_loaded_corpus = time.perf_counter()
 

@@ -14,7 +14,8 @@ whole stream at once (the tests hold streaming records equal to non-streaming on
 that put a prefix in front of every text they are given (SentencePiece's dummy prefix) cannot be
 cut; a stream longer than one chunk is refused for them with a message saying what to use.
 
-Bytes, words and the text hash are counted on the fly exactly as the non-streaming path counts
+In documents mode under several processes, each rank tokenizes its share of the documents
+(``shards_documents``) and ``cache`` gathers the streams. Bytes, words and the text hash are counted on the fly exactly as the non-streaming path counts
 them, and the reading goes on to the end after ``corpus.max_tokens`` so the corpus hash and
 document count describe the whole corpus, as they do there.
 """
@@ -180,8 +181,17 @@ def _tokenize_stream(tokenizer, pieces: Iterable[tuple[str, str]], settings, lim
     return stream
 
 
-def tokenize_lazily(cfg: CorpusConfig, tokenizer, settings) -> tuple[list[TokenStream], int, str]:
-    """Token streams, document count and text hash, as ``cache._read_and_tokenize`` gives them."""
+def shards_documents(cfg: CorpusConfig, settings, world: int) -> bool:
+    """Are documents tokenized by rank? In documents mode, unless max_tokens needs a running total."""
+    return world > 1 and settings.mode == "documents" and cfg.max_tokens is None
+
+
+def tokenize_lazily(cfg: CorpusConfig, tokenizer, settings, rank: int = 0, world: int = 1) -> tuple[list[TokenStream], int, str]:
+    """Token streams, document count and text hash, as ``cache._read_and_tokenize`` gives them.
+
+    When ``shards_documents``, this rank tokenizes only documents ``rank, rank + world, ...``
+    (every rank still reads all rows, for the hash); the caller gathers the streams."""
+    mine = (lambda i: i % world == rank) if shards_documents(cfg, settings, world) else (lambda i: True)
     sha = hashlib.sha256()
     docs = _documents(cfg)
     count = 0
@@ -208,7 +218,7 @@ def tokenize_lazily(cfg: CorpusConfig, tokenizer, settings) -> tuple[list[TokenS
             if i:
                 sha.update(b"\x00")
             left = None if cfg.max_tokens is None else cfg.max_tokens - total
-            if left == 0:
+            if left == 0 or not mine(i):
                 sha.update(text.encode("utf-8"))  # read on for the hash and the count only
                 continue
             stream = _tokenize_stream(tokenizer, [(text, original)], settings, left, i, domain, sha)

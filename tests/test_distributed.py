@@ -42,8 +42,13 @@ def assert_same_record(multi: dict, single: dict, same_config: bool = True) -> N
     assert (multi["config_hash"] == single["config_hash"]) == same_config
 
 
-@pytest.mark.parametrize("batch_size,mode,max_tokens", [(1, "concat", 1020), (3, "concat", 1020), (4, "documents", 1000)])
-def test_two_processes_equal_one(tiny, tiny_corpus, tmp_path, batch_size, mode, max_tokens, one_thread):
+@pytest.mark.parametrize(
+    "batch_size,mode,max_tokens,overrides",
+    [(1, "concat", 1020, []), (3, "concat", 1020, []), (4, "documents", None, ["corpus.streaming=true"])],
+    ids=["batch1", "batch3", "batch4-documents-streamed"],
+)
+def test_two_processes_equal_one(tiny, tiny_corpus, tmp_path, batch_size, mode, max_tokens, overrides, one_thread):
+    """The streamed case also shards the tokenizing of documents by rank."""
     folder, model, tok = tiny
     config = tiny_config(folder, tiny_corpus, max_length=32, stride=16, batch_size=batch_size)
     config["corpus"].update(max_tokens=max_tokens, mode=mode, cache=False)
@@ -51,7 +56,9 @@ def test_two_processes_equal_one(tiny, tiny_corpus, tmp_path, batch_size, mode, 
     assert single["windows"] % 2 == 1, "the test wants work that does not split evenly over 2 ranks"
 
     out = tmp_path / "results" / "dp"
-    multi = torchrun(config, out, tmp_path)
+    multi = torchrun(config, out, tmp_path, *overrides)
+    assert multi["corpus"]["documents"] == single["corpus"]["documents"]
+    assert multi["corpus"]["text_sha256"] == single["corpus"]["text_sha256"]
     assert multi["world_size"] == 2 and multi["batch_size"] == batch_size
     assert_same_record(multi, single.record)
     # every window once (the padding was dropped), with the same sums as one process

@@ -210,10 +210,11 @@ def run(
     log = ResumeLog(Path(output_dir or root), chash, len(windows), output_dir is not None) if write and dist.is_main else None
     done = dist.broadcast(log.open() if log else []) if write else []
     mine = dist.shard_padded(remaining(windows, done), padding)
-    batch_size = choose_batch_size(
-        cfg.eval, lambda ws: score_windows(model, tokenizer, streams, ws, len(ws), cfg.eval.logits_chunk, False, settings.max_length, False),
-        mine, dist, on_cpu=input_device(model).type == "cpu",
-    )
+
+    def trial(ws):  # the given windows as one batch: does it fit?
+        return score_windows(model, tokenizer, streams, ws, len(ws), cfg.eval.logits_chunk, False, settings.max_length, progress=False)
+
+    batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=input_device(model).type == "cpu")
     try:
         records, positions, scoring_seconds = score_windows(
             model, tokenizer, streams, mine, batch_size, cfg.eval.logits_chunk, cfg.eval.sort_by_length,
@@ -249,7 +250,7 @@ def run(
         **m,
         "ci95": boot or m["ci95_normal"],
         "ci95_method": f"bootstrap over {unit} ({cfg.eval.bootstrap} resamples)" if boot else "normal",
-        "tokens_per_second": sums.tokens / max(max(times), 1e-9),
+        "tokens_per_second": (sums.tokens - sum(f.record.tokens for f in done)) / max(max(times), 1e-9),
         "wall_seconds": time.perf_counter() - t0,
         "scoring_seconds": max(times),
         "corpus_seconds": t_loaded_corpus - t0,

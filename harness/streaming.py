@@ -15,9 +15,10 @@ that put a prefix in front of every text they are given (SentencePiece's dummy p
 cut; a stream longer than one chunk is refused for them with a message saying what to use.
 
 In documents mode under several processes, each rank tokenizes its share of the documents
-(``shards_documents``) and ``cache`` gathers the streams. Bytes, words and the text hash are counted on the fly exactly as the non-streaming path counts
-them, and the reading goes on to the end after ``corpus.max_tokens`` so the corpus hash and
-document count describe the whole corpus, as they do there.
+(``shards_documents``) and ``cache`` gathers the streams. Bytes, words and the text hash are
+counted on the fly exactly as the non-streaming path counts them, and the reading goes on to
+the end after ``corpus.max_tokens`` so the corpus hash and document count describe the whole
+corpus, as they do there.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from harness.checkpoint import PARTIAL, Finished, ResumeLog
 from harness.config import validate
 from harness.runner import run
 
-from .conftest import REPO, WIKITEXT, tiny_config
+from .conftest import REPO, SMOLLM2, WIKITEXT, tiny_config
 from .threads import one_thread  # noqa: F401 (a fixture)
 
 
@@ -141,3 +141,57 @@ def test_log_drops_a_line_cut_short_by_a_kill(tmp_path):
     assert other.open() == []
     other.close(delete=True)
     assert not log.path.exists()
+
+
+@pytest.mark.slow
+def test_interrupted_smollm2_resumes_with_cached_tokens(smollm2, tmp_path, monkeypatch, one_thread):
+    """SmolLM2, in-process: a run interrupted mid-scoring (a KeyboardInterrupt raised in the main
+    thread by a signal, as Ctrl-C does) and run again takes over the logged windows and the
+    cached tokens, and equals a fresh run without either."""
+    import threading
+
+    model, tok = smollm2
+    monkeypatch.setenv("PPL_CACHE_DIR", str(tmp_path / "cache"))
+    config = {
+        "model": dict(SMOLLM2),
+        "corpus": {**WIKITEXT, "max_tokens": 700},
+        "eval": {"protocol": "sliding", "max_length": 128, "stride": 64, "bootstrap": 0},
+    }
+    cfg = validate(config)
+    out = tmp_path / "results" / "smol"
+    armed = threading.Event()
+    armed.set()
+
+    def interrupt(signum, frame):
+        if armed.is_set():
+            raise KeyboardInterrupt
+
+    def watch():
+        while armed.is_set():
+            logs = list((out / PARTIAL).glob("*.jsonl")) if (out / PARTIAL).is_dir() else []
+            if logs and logs[0].read_bytes().count(b"\n") - 1 >= 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.005)
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="run the same command"):
+            run(cfg, out, model=model, tokenizer=tok, progress=False)
+    finally:
+        armed.clear()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert not (out / "result.json").exists()
+
+    resumed = run(cfg, out, model=model, tokenizer=tok, progress=False)
+    fresh = run(validate({**config, "corpus": {**config["corpus"], "cache": False}}), model=model, tokenizer=tok, write=False, progress=False)
+    assert 3 <= resumed["resumed_windows"] < fresh["windows"]
+    assert resumed["corpus"]["token_cache"]["hit"] is True
+    for key in ("scored_tokens", "windows", "bytes", "words"):
+        assert resumed[key] == fresh[key], key
+    assert math.isclose(resumed["sum_nll"], fresh["sum_nll"], rel_tol=1e-6)
+    assert math.isclose(resumed.perplexity, fresh.perplexity, rel_tol=1e-6)
+    assert list(resumed.windows["index"]) == list(range(fresh["windows"]))

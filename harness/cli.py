@@ -42,7 +42,12 @@ def run_cmd(
     cfg = load_config(config, overrides or [])
     from .runner import run  # heavy imports (torch, transformers) only once the config is valid
 
-    result = run(cfg, output_dir, progress=progress)
+    try:
+        result = run(cfg, output_dir, progress=progress)
+    except KeyboardInterrupt as err:  # typer would exit 130 without a word
+        if os.environ.get("RANK", "0") == "0":  # the runner's message says what was kept and how to resume
+            typer.echo(str(err) or "interrupted: nothing was written; run the same command again to start over", err=True)
+        raise typer.Exit(130) from None
     if result.run_dir is None:
         return  # not the main process
     r = result.record
@@ -60,7 +65,10 @@ def run_cmd(
         ("tokens/s", f"{r['tokens_per_second']:.1f}"),
         ("wall time", f"{r['wall_seconds']:.1f} s"),
         ("peak memory", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"),
+        ("batch size", f"{r['batch_size']} x {r['world_size']} process(es)"),
     ]
+    if r.get("resumed_windows"):
+        rows.append(("resumed", f"{r['resumed_windows']:,} windows taken over from the interrupted run"))
     for k, v in rows:
         typer.echo(f"{k:>16}  {v}")
     typer.echo(f"record: {result.run_dir / 'result.json'}")

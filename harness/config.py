@@ -83,7 +83,8 @@ class CorpusConfig(_Section):
     max_documents: int | None = Field(None, gt=0, description="Keep only the first N documents (rows).")
     max_tokens: int | None = Field(None, gt=0, description="Truncate the token stream after tokenizing.")
     mirror: str | None = Field(None, description="Mirror folder <id>/<config>/<split>.parquet (default $PPL_CORPUS_MIRROR).")
-    streaming: bool = False
+    streaming: bool = Field(False, description="Read and tokenize lazily, in chunks (memory set by the tokens, not the text).")
+    cache: bool = Field(True, description="Cache the tokenized corpus on disk ($PPL_CACHE_DIR, default ~/.cache/ppl-harness).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "CorpusConfig":
@@ -99,6 +100,9 @@ class EvalConfig(_Section):
     max_length: int | None = Field(None, gt=1, description="Window length L in tokens (default: the protocol's).")
     stride: int | None = Field(None, gt=0, description="Window step S <= L (sliding); default: the protocol's.")
     batch_size: Union[int, Literal["auto"]] = Field(1, description="Windows per forward pass, or 'auto'.")
+    max_batch_size: int | None = Field(
+        None, gt=0, description="Where batch_size: auto starts backing off from (default 64; 8 on CPU)."
+    )
     bos: BosPolicy | None = Field(None, description="none, stream, every or replace (default: the protocol's).")
     logits_chunk: int | None = Field(
         None, gt=0, description="Scored positions per vocabulary-projection chunk (default: sized to the vocabulary)."

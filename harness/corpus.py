@@ -157,6 +157,8 @@ def _file_rows(cfg: CorpusConfig) -> Iterable[dict]:
     suffix = path.suffix.lower()
     if suffix in (".txt", ".raw", ".text", ".md", ".tokens"):
         return [{cfg.text_field: _read_text_file(path)}]
+    if cfg.streaming and suffix in (".jsonl", ".json", ".parquet"):
+        return _lazy_file_rows(path, suffix, cfg)
     if suffix in (".jsonl", ".json"):
         rows = []
         for n, line in enumerate(_read_text_file(path).splitlines(), 1):
@@ -171,6 +173,33 @@ def _file_rows(cfg: CorpusConfig) -> Iterable[dict]:
 
         return pq.read_table(path).to_pylist()
     raise HarnessError(f"corpus.path: unsupported file type '{suffix}' for {path}; use .txt, .jsonl or .parquet")
+
+
+def _lazy_file_rows(path: Path, suffix: str, cfg: CorpusConfig) -> Iterator[dict]:
+    """Rows one at a time (``corpus.streaming``): JSONL line by line, parquet batch by batch."""
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+        columns = [c for c in (cfg.text_field, cfg.domain_field) if c]
+        missing = [c for c in columns if c not in f.schema_arrow.names]
+        if missing:
+            key = "corpus.text_field" if missing[0] == cfg.text_field else "corpus.domain_field"
+            raise HarnessError(f"{key}: column '{missing[0]}' not found; available columns: {', '.join(f.schema_arrow.names)}")
+        for batch in f.iter_batches(batch_size=1024, columns=columns):
+            yield from batch.to_pylist()
+        return
+    with open(path, encoding="utf-8") as lines:
+        n = 0
+        try:
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise HarnessError(f"corpus.path: {path} line {n} is not valid JSON ({err.msg}); one JSON object per line") from None
+        except UnicodeDecodeError:
+            raise HarnessError(f"corpus.path: {path} is not UTF-8 text (after line {n}); convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def iter_rows(cfg: CorpusConfig) -> Iterator[dict]:

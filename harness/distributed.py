@@ -4,12 +4,17 @@ Launched plainly, there is one process and everything here is the identity. Unde
 or ``accelerate launch``, windows are sharded by *global* rank (so several nodes work too), each
 process scores its shard, and the per-window records are gathered to every process; the
 accumulation that follows is the same code as in a single process, so the record is the same.
+
+Uneven work is padded: every rank gets the same number of items (the short ranks repeat an
+item marked as padding), so every rank runs the same number of batches and can take part in
+the per-batch gather that lets rank 0 alone write the resume log. The padding is dropped by
+the caller. The automatic batch size uses accelerate's ``find_executable_batch_size``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class Distributor:
@@ -44,6 +49,22 @@ class Distributor:
         """This rank's share: every ``world``-th item starting at ``rank``."""
         return list(items[self.rank :: self.world])
 
+    def shard_padded(self, items: Sequence[Any], pad: Callable[[Any], Any]) -> list[Any]:
+        """This rank's share, padded with ``pad(items[0])`` to ``ceil(len(items) / world)`` items."""
+        mine = self.shard(items)
+        per_rank = -(-len(items) // self.world)
+        if items and len(mine) < per_rank:
+            mine += [pad(items[0])] * (per_rank - len(mine))
+        return mine
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj``, on every rank."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
+
     def gather(self, items: list[Any]) -> list[Any]:
         """All ranks' items, on every rank (uneven lengths are fine)."""
         if self.world == 1:
@@ -55,6 +76,19 @@ class Distributor:
     def barrier(self) -> None:
         if self.world > 1:
             self.state.wait_for_everyone()
+
+
+def find_batch_size(probe: Callable[[int], Any], start: int) -> int:
+    """The largest batch size from ``start`` down (x0.9 per step) for which ``probe`` runs out of
+    memory on no rank; accelerate's ``find_executable_batch_size`` does the backing off."""
+    from accelerate.utils import find_executable_batch_size
+
+    @find_executable_batch_size(starting_batch_size=start)
+    def attempt(batch_size: int) -> int:
+        probe(batch_size)
+        return batch_size
+
+    return attempt()
 
 
 def launched_distributed() -> bool:

@@ -3,8 +3,9 @@
 config -> corpus -> tokens -> window plan -> scoring -> accumulation -> gather -> record -> table.
 
 Each step lives in its own module; this one only sequences them, times them and writes the
-outputs. Nothing is written until every window is scored and the metrics are finite, so a
-failed run leaves nothing half-written in the results folder.
+outputs. No record is written until every window is scored and the metrics are finite, so a
+failed run leaves nothing half-written in the results folder; finished windows go to a resume
+log as they are scored (checkpoint.py), so a rerun of a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from .accumulate import (
     total,
 )
 from .config import RunConfig
-from .corpus import concatenate, load_documents
+from .batching import choose_batch_size
+from .cache import tokenized_corpus
+from .checkpoint import Finished, ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
 from .distributed import Distributor
 from .errors import HarnessError
 from .models import adds_bos, describe_tokenizer, load_model, load_tokenizer, max_positions
 from .results import WINDOWS, write_frame, write_record, write_table
-from .scoring import build_batch, check_finite, token_nlls
-from .tokens import TokenStream, tokenize
+from .scoring import build_batch, check_finite, input_device, token_nlls
+from .tokens import TokenStream
 
 
 @dataclass
@@ -64,6 +67,9 @@ def config_hash(cfg: RunConfig, settings: protocols.Settings) -> str:
     payload = cfg.model_dump(mode="json", exclude={"output": True, "name": True})
     payload["eval"].pop("sort_by_length", None)  # batching order cannot change a number
     payload["eval"].pop("batch_size", None)
+    payload["eval"].pop("max_batch_size", None)
+    for key in ("streaming", "cache"):  # how the corpus is read cannot change a number either
+        payload["corpus"].pop(key, None)
     payload["settings"] = settings.as_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -120,19 +126,11 @@ def _peak_memory_bytes() -> int:
     return rss if platform.system() == "Darwin" else rss * 1024
 
 
-def _corpus_sha256(streams_text: list[str]) -> str:
-    h = hashlib.sha256()
-    for i, t in enumerate(streams_text):
-        if i:
-            h.update(b"\x00")
-        h.update(t.encode("utf-8"))
-    return h.hexdigest()
-
-
-def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True, scorer=None):
+def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True, scorer=None, on_batch=None):
     """Score windows in batches; returns per-window records and NLL-by-position statistics.
 
     ``scorer(batch, windows) -> nlls`` replaces the plain scoring (kl.PairScorer runs two models).
+    ``on_batch(finished)`` is called after each batch with its windows' records and NLLs.
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +153,7 @@ def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_s
         positions.add(batch.cols.numpy(), nlls)
         nll64 = nlls.astype(np.float64)
         offset = 0
+        first = len(records)
         for w, n in zip(chunk, batch.counts):
             part = nll64[offset : offset + n]
             offset += n
@@ -169,6 +168,9 @@ def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_s
                     domain=s.domain,
                 )
             )
+        if on_batch is not None:
+            ends = np.cumsum(batch.counts)
+            on_batch([Finished(r, nlls[e - r.tokens : e]) for r, e in zip(records[first:], ends)])
         scored += len(nlls)
         bar.update(len(chunk))
         bar.set_postfix(tok_s=f"{scored / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False)
@@ -201,18 +203,14 @@ def run(
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     early = protocols.resolve(cfg, adds_bos(tokenizer), None)
     corpus_cfg = cfg.corpus.model_copy(update={"mode": early.mode, "join": early.join, "detokenizer": early.detokenizer})
-    docs = load_documents(corpus_cfg)
-    if early.mode == "concat":
-        docs = [concatenate(docs, early.join)]
-    streams = tokenize(tokenizer, docs, early.add_special_tokens, cfg.corpus.max_tokens)
-    if not streams:
-        raise HarnessError("corpus: no tokens after tokenizing; check the corpus and corpus.max_tokens")
+    corpus = tokenized_corpus(corpus_cfg, tokenizer, early, dist)
+    streams = corpus.streams
     t_loaded_corpus = time.perf_counter()
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve(cfg, adds_bos(tokenizer), max_positions(model))
     windows = protocols.plan(settings, [len(s) for s in streams])
-    batch_size = cfg.eval.batch_size if isinstance(cfg.eval.batch_size, int) else 1
+    chash = config_hash(cfg, settings)
 
     pair = None
     if cfg.baseline_model is not None:
@@ -220,13 +218,28 @@ def run(
 
         baseline_model = baseline_model or load_baseline(cfg, tokenizer, dist.device)
         pair = PairScorer(model, baseline_model, cfg.eval.logits_chunk)
-    mine = dist.shard(windows)
-    records, positions, scoring_seconds = score_windows(
-        model, tokenizer, streams, mine, batch_size, cfg.eval.logits_chunk, cfg.eval.sort_by_length,
-        settings.max_length, progress=progress and dist.is_main, scorer=pair,
-    )
-    records = sorted(dist.gather(records), key=lambda r: r.index)
-    pos_parts = dist.gather([positions])
+    # windows finished by an earlier, interrupted run of this config are taken over, not rescored
+    # (not in KL mode: the per-token KL of earlier windows is not in the log)
+    resumable = write and pair is None
+    log = ResumeLog(Path(output_dir or root), chash, len(windows), output_dir is not None) if resumable and dist.is_main else None
+    done = dist.broadcast(log.open() if log else []) if resumable else []
+    mine = dist.shard_padded(remaining(windows, done), padding)
+
+    def trial(ws):  # the given windows as one batch: does it fit?
+        return score_windows(model, tokenizer, streams, ws, len(ws), cfg.eval.logits_chunk, False, settings.max_length, progress=False)
+
+    batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=input_device(model).type == "cpu")
+    try:
+        records, positions, scoring_seconds = score_windows(
+            model, tokenizer, streams, mine, batch_size, cfg.eval.logits_chunk, cfg.eval.sort_by_length,
+            settings.max_length, progress=progress and dist.is_main, scorer=pair,
+            on_batch=recorder(log, dist.gather) if resumable else None,
+        )
+    except KeyboardInterrupt:
+        raise interrupted(log, len(windows)) from None
+    records = [r for r in dist.gather(records) if not is_padding(r)] + [f.record for f in done]
+    records.sort(key=lambda r: r.index)
+    pos_parts = dist.gather([positions]) + [positions_of(done, windows, settings.max_length)]
     positions = sum(pos_parts[1:], pos_parts[0])
     peaks = dist.gather([_peak_memory_bytes()])
     times = dist.gather([scoring_seconds])
@@ -239,7 +252,6 @@ def run(
     m = metrics(sums)
     unit, unit_nll, unit_tokens = bootstrap_units(records)
     boot = bootstrap_ci(unit_nll, unit_tokens, cfg.eval.bootstrap, cfg.eval.seed)
-    chash = config_hash(cfg, settings)
     run_id = cfg.output.run_id or (
         Path(output_dir).name if output_dir else
         f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(cfg.name or Path(cfg.model.gguf_file or cfg.model.name_or_path).stem)}-{settings.protocol}-{chash[:8]}"
@@ -254,7 +266,7 @@ def run(
         "rescaled_perplexity": rescaled(sums.sum_nll, cfg.eval.rescale_tokens),
         "ci95": boot or m["ci95_normal"],
         "ci95_method": f"bootstrap over {unit} ({cfg.eval.bootstrap} resamples)" if boot else "normal",
-        "tokens_per_second": sums.tokens / max(max(times), 1e-9),
+        "tokens_per_second": (sums.tokens - sum(f.record.tokens for f in done)) / max(max(times), 1e-9),
         "wall_seconds": time.perf_counter() - t0,
         "scoring_seconds": max(times),
         "corpus_seconds": t_loaded_corpus - t0,
@@ -262,6 +274,7 @@ def run(
         "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "batch_size": batch_size,
         "world_size": dist.world,
+        "resumed_windows": len(done),
         "device": str(next(model.parameters()).device),
         "protocol": settings.as_dict(),
         "domains": domain_metrics(records),
@@ -276,10 +289,12 @@ def run(
         },
         "tokenizer": {**describe_tokenizer(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)},
         "corpus": {
-            "documents": len(docs) if early.mode == "documents" else None,
+            "documents": corpus.documents if early.mode == "documents" else None,
             "streams": len(streams),
             "tokens": int(sum(len(s) for s in streams)),
-            "text_sha256": _corpus_sha256([d.text for d in docs]),
+            "text_sha256": corpus.text_sha256,
+            "streaming": cfg.corpus.streaming,
+            "token_cache": corpus.cache,
         },
         "versions": _versions(),
     }
@@ -299,5 +314,7 @@ def run(
         write_record(run_dir, record)
         write_table(run_dir.parent)
         result.run_dir = run_dir
+    if log:
+        log.close(delete=write)
     dist.barrier()
     return result

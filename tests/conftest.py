@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a fresh token cache folder for each test session, not the user's ~/.cache
+os.environ.setdefault("PPL_CACHE_DIR", tempfile.mkdtemp(prefix="ppl-test-cache-"))
 REPO = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("PPL_CORPUS_MIRROR", REPO.parent / "shared" / "corpora"))
 os.environ["PPL_CORPUS_MIRROR"] = str(MIRROR)

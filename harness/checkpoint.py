@@ -1,0 +1,172 @@
+"""Resume: finished windows are written durably as a run goes, so a killed run loses nothing.
+
+After every batch, rank 0 appends one JSON line per finished window (its ``WindowRecord`` and
+its per-token NLLs, float32 in base64) to ``<folder>/.partial/<config hash>.jsonl``, then
+flushes and fsyncs. The folder is ``--output-dir`` when given, else the results root; the file
+name is the config hash (which leaves out the batch size, the batching order and the output),
+so a rerun of the same config resumes and a changed config never mixes with an old log.
+
+A ``kill -9`` can cut the last line short; ``load`` drops that line and truncates the file back
+to the last whole line before anything is appended. The windows in the log are not scored
+again; their records and NLLs join the new ones where all sums meet (``accumulate.total``), so
+the final record equals an uninterrupted run's. The log is deleted once the record is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .accumulate import PositionStats, WindowRecord
+from .errors import HarnessError
+from .windows import Window
+
+PARTIAL = ".partial"
+PAD_INDEX = -1  # padding windows (uneven work across ranks) carry this index and score nothing
+
+
+@dataclass
+class Finished:
+    """One scored window: its record and the NLL of each scored token (float32)."""
+
+    record: WindowRecord
+    nlls: np.ndarray
+
+
+def padding(window: Window) -> Window:
+    """A copy of ``window`` that runs the same forward pass but scores no token."""
+    return replace(window, index=PAD_INDEX, score_begin=window.score_end)
+
+
+def is_padding(record: WindowRecord) -> bool:
+    return record.index == PAD_INDEX
+
+
+def remaining(windows: list[Window], done: list[Finished]) -> list[Window]:
+    finished = {f.record.index for f in done}
+    return [w for w in windows if w.index not in finished]
+
+
+def positions_of(done: list[Finished], windows: list[Window], max_length: int) -> PositionStats:
+    """NLL-by-position statistics of resumed windows, as ``score_windows`` would have added them."""
+    stats = PositionStats.empty(max_length)
+    for f in done:
+        k0 = windows[f.record.index].first_target_offset
+        stats.add(np.arange(k0, k0 + len(f.nlls)), f.nlls)
+    return stats
+
+
+def _encode(f: Finished) -> str:
+    row = asdict(f.record)
+    row["nll"] = base64.b64encode(np.ascontiguousarray(f.nlls, dtype="<f4").tobytes()).decode("ascii")
+    return json.dumps(row)
+
+
+def _decode(line: bytes) -> Finished:
+    row = json.loads(line)
+    nlls = np.frombuffer(base64.b64decode(row.pop("nll")), dtype="<f4").copy()
+    return Finished(WindowRecord(**row), nlls)
+
+
+class ResumeLog:
+    """The append-only log of finished windows for one config in one folder (rank 0 only)."""
+
+    def __init__(self, folder: Path, config_hash: str, n_windows: int, exclusive_folder: bool):
+        self.dir = Path(folder) / PARTIAL
+        self.path = self.dir / f"{config_hash[:32]}.jsonl"
+        self.header = {"config_hash": config_hash, "windows": n_windows}
+        self.exclusive_folder = exclusive_folder  # the folder is this run's own: old logs are stale
+        self._file = None
+
+    def open(self) -> list[Finished]:
+        """Take the log (locked against a second run of the same config) and read what it holds."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.exclusive_folder:  # a changed config starts fresh: drop other configs' logs
+            for old in self.dir.glob("*.jsonl"):
+                if old != self.path:
+                    old.unlink(missing_ok=True)
+        self._file = open(self.path, "a+b")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise HarnessError(
+                f"another run of the same config is writing {self.path}; wait for it or use another --output-dir"
+            ) from None
+        done = self._read()
+        if not done and self._file.tell() == 0:
+            self._write_lines([json.dumps(self.header)])
+        return done
+
+    def _read(self) -> list[Finished]:
+        self._file.seek(0)
+        data = self._file.read()
+        good = data.rfind(b"\n") + 1  # a line cut short by a kill is dropped
+        lines = data[:good].splitlines()
+        if not lines or json.loads(lines[0]) != self.header:
+            good, lines = 0, []
+        self._file.truncate(good)
+        self._file.seek(good)
+        seen: dict[int, Finished] = {}
+        for line in lines[1:]:
+            f = _decode(line)
+            seen.setdefault(f.record.index, f)
+        return list(seen.values())
+
+    def _write_lines(self, lines: list[str]) -> None:
+        self._file.write("".join(line + "\n" for line in lines).encode("utf-8"))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def append(self, finished: list[Finished]) -> None:
+        if finished:
+            self._write_lines([_encode(f) for f in finished])
+
+    def kept(self) -> int:
+        """Windows the log holds now, read back from the file (an interrupt can land mid-append)."""
+        data = self.path.read_bytes()
+        return max(data[: data.rfind(b"\n") + 1].count(b"\n") - 1, 0)
+
+    def close(self, delete: bool = False) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if delete:
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+
+
+def recorder(log: ResumeLog | None, gather):
+    """The per-batch callback: every rank's finished windows are gathered; rank 0 appends them.
+
+    Every rank calls it once per batch (the padding makes the batch counts equal), as the
+    gather is a collective."""
+
+    def on_batch(finished: list[Finished]) -> None:
+        everyone = [f for part in gather([finished]) for f in part if not is_padding(f.record)]
+        if log is not None:
+            log.append(everyone)
+
+    return on_batch
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept and how to resume."""
+
+
+def interrupted(log: ResumeLog | None, total: int) -> Interrupted:
+    kept = log.kept() if log is not None else 0
+    if kept == 0:
+        return Interrupted("interrupted: no window was finished; run the same command again to start over")
+    return Interrupted(
+        f"interrupted: {kept} of {total} windows are kept in {log.path}; "
+        "run the same command (same config and --output-dir) again to resume"
+    )

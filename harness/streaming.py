@@ -167,17 +167,17 @@ def _documents(cfg: CorpusConfig) -> Iterator[tuple[str, str, str | None]]:
 
 
 def _tokenize_stream(tokenizer, pieces: Iterable[tuple[str, str]], settings, limit, doc, domain, sha) -> TokenStream:
-    """One stream from (text, original) pieces; counts on the original text when they differ."""
+    """One stream from (text, original) pieces, with bytes and words counted on the original text
+    (as ``tokens.tokenize_document`` counts them)."""
     chunked = _ChunkedStream(tokenizer, settings.add_special_tokens, limit)
-    counter, differs = _Counter(), False
+    counter = _Counter()
     for text, original in pieces:
         sha.update(text.encode("utf-8"))
         chunked.feed(text)
         counter.add(original)
-        differs = differs or text != original
     chunked.finish()
     stream = chunked.stream(doc, domain)
-    if differs and not chunked.truncated:  # tokens.tokenize drops the counts of a truncated stream too
+    if not chunked.truncated:  # tokens.tokenize drops the counts of a truncated stream too
         stream.count_bytes, stream.count_words = counter.bytes, counter.words
     return stream
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import HarnessError
-from .scoring import Batch, chunk_size, head_logits, log_probs_chunks, scored_hidden, uses_head_path
+from .scoring import Batch, chunk_size, logit_chunks
 
 KL_COLUMNS = ["kl_sum", "kl_max", "top1_agree", "base_sum_nll", "delta_p_sq_sum"]
 
@@ -68,18 +68,6 @@ def kl_statistics(kl, delta_p, nll_model, nll_base, top1_agree) -> dict:
     }
 
 
-def _logit_chunks(model, batch: Batch, step: int):
-    """float32 logits at the scored positions in chunks of exactly ``step`` positions."""
-    if uses_head_path(model):
-        hidden = scored_hidden(model, batch)
-        for s in range(0, hidden.shape[0], step):
-            yield head_logits(model, hidden[s : s + step])
-    else:  # log-probabilities are logits too (softmax ignores a per-row constant)
-        for _, logp in log_probs_chunks(model, batch, step):
-            for s in range(0, logp.shape[0], step):
-                yield logp[s : s + step]
-
-
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     """``x - logsumexp(x)`` in place: the NLL of ``scoring.token_nlls`` (to the bit on equal chunks).
 
@@ -98,7 +86,7 @@ def pair_token_stats(model, baseline, batch: Batch, logits_chunk: int | None = N
     out = {k: np.empty(m, np.float32) for k in ("nll_m", "nll_b", "kl", "dp")}
     agree = np.empty(m, bool)
     s = 0
-    for x_b, x_m in zip(_logit_chunks(baseline, batch, step), _logit_chunks(model, batch, step)):
+    for (_, x_b), (_, x_m) in zip(logit_chunks(baseline, batch, step), logit_chunks(model, batch, step)):
         lp_b, lp_m = _log_probs(x_b), _log_probs(x_m.to(x_b.device))
         sl = slice(s, s + lp_b.shape[0])
         t = batch.targets[sl].to(lp_b.device)[:, None]

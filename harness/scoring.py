@@ -146,41 +146,36 @@ def chunk_size(model, logits_chunk: int | None) -> int:
     return max(16, LOGITS_BUDGET // vocab)
 
 
-def log_probs_chunks(model, batch: Batch, logits_chunk: int | None = None):
-    """Yield (slice, float32 log-probabilities [m, V]) over the scored positions, in chunks."""
+def logit_chunks(model, batch: Batch, step: int):
+    """Yield (slice, float32 logits [m, V]) at the scored positions, ``step`` positions at a time.
+
+    Each chunk is a fresh tensor the caller may overwrite. Known families run the output head on
+    the scored hidden states only; others give the model's own logits, gathered at scored positions.
+    """
     if uses_head_path(model):
         hidden = scored_hidden(model, batch)
-        step = chunk_size(model, logits_chunk)
         for s in range(0, hidden.shape[0], step):
-            yield slice(s, s + step), torch.log_softmax(head_logits(model, hidden[s : s + step]), dim=-1)
-    else:  # unknown head: the model's own logits, gathered at scored positions
-        dev = input_device(model)
-        logits = model(
-            input_ids=batch.input_ids.to(dev),
-            attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(dev),
-            use_cache=False,
-        ).logits
-        picked = logits[batch.rows.to(logits.device), batch.cols.to(logits.device)].float()
-        yield slice(0, picked.shape[0]), torch.log_softmax(picked, dim=-1)
+            yield slice(s, s + step), head_logits(model, hidden[s : s + step])
+        return
+    dev = input_device(model)
+    logits = model(
+        input_ids=to_device(batch.input_ids, dev), attention_mask=to_device(batch.attention_mask, dev), use_cache=False
+    ).logits
+    picked = logits[to_device(batch.rows, logits.device), to_device(batch.cols, logits.device)].float()
+    for s in range(0, picked.shape[0], step):
+        yield slice(s, s + step), picked[s : s + step]
 
 
 @torch.inference_mode()
 def token_nlls(model, batch: Batch, logits_chunk: int | None = None) -> np.ndarray:
-    """Negative log-likelihood (nats, float32 log-softmax) of every scored token in the batch."""
-    if uses_head_path(model):
-        hidden = scored_hidden(model, batch)
-        head_dev = model.get_output_embeddings().weight.device
-        targets = to_device(batch.targets, head_dev)
-        out = torch.empty(targets.shape[0], dtype=torch.float32, device=head_dev)
-        step = chunk_size(model, logits_chunk)
-        for s in range(0, hidden.shape[0], step):
-            out[s : s + step] = chunk_nll(head_logits(model, hidden[s : s + step]), targets[s : s + step])
-        return out.cpu().numpy()
-    out = torch.empty(batch.targets.shape[0], dtype=torch.float32)
-    for sl, logp in log_probs_chunks(model, batch, logits_chunk):
-        t = batch.targets[sl].to(logp.device)
-        out[sl] = -logp.gather(1, t[:, None])[:, 0].cpu()
-    return out.numpy()
+    """Negative log-likelihood (nats, float32 log-sum-exp) of every scored token in the batch."""
+    out, targets = None, None
+    for sl, logits in logit_chunks(model, batch, chunk_size(model, logits_chunk)):
+        if out is None:  # NLLs stay on the device until the batch is done: one sync per batch
+            targets = to_device(batch.targets, logits.device)
+            out = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
+        out[sl] = chunk_nll(logits, targets[sl])
+    return np.zeros(0, dtype=np.float32) if out is None else out.cpu().numpy()
 
 
 def check_finite(nlls: np.ndarray, windows: list[Window], counts: list[int]) -> None:

@@ -31,7 +31,7 @@ from .accumulate import (
 )
 from .config import RunConfig
 from .batching import choose_batch_size
-from .cache import tokenized_corpus
+from .cache import tokenized_corpus, tokenizer_fingerprint
 from .checkpoint import Finished, ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
 from .distributed import Distributor
 from .errors import HarnessError
@@ -72,12 +72,6 @@ def config_hash(cfg: RunConfig, settings: protocols.Settings) -> str:
         payload["corpus"].pop(key, None)
     payload["settings"] = settings.as_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, adds_bos(tokenizer), vocab]).encode())
-    return h.hexdigest()[:16]
 
 
 def _versions() -> dict:
@@ -287,7 +281,7 @@ def run(
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "max_positions": max_positions(model),
         },
-        "tokenizer": {**describe_tokenizer(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "tokenizer": {**describe_tokenizer(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)[:16]},
         "corpus": {
             "documents": corpus.documents if early.mode == "documents" else None,
             "streams": len(streams),

@@ -5,6 +5,12 @@ included as is; only the dataset source changes to the local Parquet mirror, sin
 unreachable here. ``HFLM`` gets the already-loaded model object, so both tools score the same
 weights. Scoring time is the ``loglikelihood_rolling`` call alone; the tokens are counted (with
 lm-eval's own ``tok_encode``) before the clock starts.
+
+``add_bos_token=False``: the protocol scores a page's own tokens with no special tokens, after
+the prefix token (docs/PROTOCOLS.md, section 4). lm-eval's default instead follows the
+tokenizer, and a tokenizer that adds BOS (Gemma's) puts a BOS into the page, which lm-eval then
+scores as a token, one per document: 3 extra tokens and a perplexity 0.7% higher on Gemma-3's
+first three articles. SmolLM2's tokenizer adds nothing, so there the flag changes nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ def run_lm_eval(case: Case, model_dir: Path, parquet: Path) -> dict:
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=case.batch_size, max_length=case.max_length, device="cpu")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=case.batch_size, max_length=case.max_length, device="cpu",
+              add_bos_token=False)
     load_s = time.perf_counter() - t0
 
     stats = {}

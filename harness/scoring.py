@@ -123,8 +123,8 @@ def head_logits(model, hidden: torch.Tensor, workspace: torch.Tensor | None = No
     A float32 head on the CPU is computed as ``W @ h.T`` into the workspace and returned as its
     transposed view: the big operand then is the matrix the BLAS kernel packs, and a reused
     buffer spares the kernel's page faults on half a gigabyte of fresh memory per chunk. On
-    this machine that is 1.3-1.6x the speed of ``h @ W.T`` into a new tensor (Gemma-3's 262k
-    vocabulary, 256 to 1024 positions; see benchmarks/README.md). Elsewhere, and for heads that
+    two CPU cores that is 1.2-1.5x the speed of ``h @ W.T`` into a new tensor (Gemma-3's 262k
+    vocabulary, 256 to 1024 rows; ``benchmarks/head_kernel.py``). Elsewhere, and for heads that
     are not a plain float32 ``nn.Linear``, the head module runs as it is.
     """
     head = model.get_output_embeddings()

@@ -12,22 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from benchmarks.cases import cached_model, prepare  # noqa: E402
-
-
-def best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from benchmarks.cases import prepare  # noqa: E402
+from benchmarks.timing import best  # noqa: E402
 
 
 def main() -> None:
@@ -42,7 +32,7 @@ def main() -> None:
 
     from harness.scoring import head_logits, head_workspace
 
-    folder = cached_model(args.model) if (cached_model(args.model) / ".done").is_file() else prepare(args.model)
+    folder = prepare(args.model)  # idempotent: the dequantized folder, made once
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     vocab, width = model.get_output_embeddings().weight.shape
     torch.manual_seed(0)

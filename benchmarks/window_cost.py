@@ -20,30 +20,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from benchmarks.cases import cached_model, prepare  # noqa: E402
+from benchmarks.cases import prepare  # noqa: E402
+from benchmarks.timing import best  # noqa: E402
 
 T = 1024
 SCORED = {"smollm2": (512, 1023), "gemma3": (256, 1023)}  # the strides the benchmark cases use
 
 
-def best(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def window_ids(tokenizer):
     import pandas as pd
-    import torch
 
     from benchmarks.child import mirror
 
@@ -59,7 +48,7 @@ def measure(key: str, repeat: int) -> list[dict]:
 
     from harness.scoring import Batch, token_nlls
 
-    folder = prepare(key) if not (cached_model(key) / ".done").is_file() else cached_model(key)
+    folder = prepare(key)  # idempotent: the dequantized folder, made once
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = window_ids(AutoTokenizer.from_pretrained(folder))
     rows = []

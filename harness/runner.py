@@ -5,7 +5,7 @@ config -> corpus -> tokens -> window plan -> scoring -> accumulation -> gather -
 Each step lives in its own module; this one only sequences them, times them and writes the
 outputs. No record is written until every window is scored and the metrics are finite, so a
 failed run leaves nothing half-written in the results folder; finished windows go to a resume
-log as they are scored (checkpoint.py), so a rerun of a killed run continues where it stopped.
+log as they are scored (resume.py), so a rerun of a killed run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from .accumulate import (
 )
 from .config import RunConfig
 from .batching import choose_batch_size
-from .cache import tokenized_corpus, tokenizer_fingerprint
-from .checkpoint import Finished, ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
+from .tokenization import tokenized_corpus, tokenizer_fingerprint
+from .resume import Finished, ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
 from .distributed import Distributor
 from .errors import HarnessError
 from .models import adds_bos, describe_tokenizer, load_model, load_tokenizer, max_positions

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness import streaming
-from harness.cache import tokenized_corpus
+from harness.tokenization import tokenized_corpus
 from harness.config import validate
 from harness.distributed import find_batch_size
 from harness.models import adds_bos, load_model

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from harness.accumulate import WindowRecord
-from harness.checkpoint import PARTIAL, Finished, ResumeLog
+from harness.resume import PARTIAL, Finished, ResumeLog
 from harness.config import validate
 from harness.runner import run
 

@@ -1,4 +1,4 @@
-"""The token cache: a tokenized corpus is kept on disk and reused by later runs.
+"""Corpus to tokens: read, tokenize, and keep the token streams in an on-disk cache for later runs.
 
 Tokenizing a large corpus takes longer than many evaluations, and gives the same tokens every
 time. The cache key is a hash of everything the tokens depend on:

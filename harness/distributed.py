@@ -73,6 +73,18 @@ class Distributor:
 
         return gather_object(items)
 
+    def peak_device_memory(self) -> int | None:
+        """Peak bytes allocated on this process's accelerator (None on CPU)."""
+        import torch
+
+        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+    @staticmethod
+    def versions() -> dict:
+        import accelerate
+
+        return {"accelerate": accelerate.__version__}
+
     def barrier(self) -> None:
         if self.world > 1:
             self.state.wait_for_everyone()

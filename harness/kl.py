@@ -152,6 +152,11 @@ class PairScorer:
             })
         return nll_m
 
+    def gathered(self, gather) -> tuple[dict, list[dict]]:
+        """Every process's KL statistics and per-window rows (``gather``: the distributor's)."""
+        accs = gather([self.acc])
+        return sum(accs[1:], accs[0]).summary(), gather(self.window_rows)
+
 
 def _vocab(model) -> int:
     head = model.get_output_embeddings()

@@ -19,13 +19,16 @@ until the batch is done, so the host waits once per batch rather than once per c
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
+from .resume import Finished
 from .tokens import TokenStream
 from .windows import Window
 
@@ -257,3 +260,69 @@ def check_finite(nlls: np.ndarray, windows: list[Window], counts: list[int]) -> 
         f"non-finite log-probability in window {w.index} (doc {w.doc}, input [{w.begin}, {w.end}), "
         f"scored [{w.score_begin}, {w.score_end})); the model produced NaN/inf, try model.dtype=float32"
     )
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The token ids a window may need beside its stream: BOS, the prefix token, padding."""
+
+    bos: int | None
+    prefix: int | None  # BOS, else EOS (lm-eval's prefix token)
+    pad: int  # any id: padded positions are masked and never scored
+
+    @classmethod
+    def of(cls, tokenizer) -> "SpecialIds":
+        bos = tokenizer.bos_token_id
+        prefix = bos if bos is not None else tokenizer.eos_token_id
+        pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        return cls(bos, prefix, pad)
+
+
+def score_windows(model, tokenizer, streams: list[TokenStream], windows, batch_size: int, logits_chunk, sort_by_length: bool, max_length: int, progress: bool = True, scorer=None, on_batch=None):
+    """Score windows in batches; returns per-window records and NLL-by-position statistics.
+
+    ``scorer(batch, windows) -> nlls`` replaces the plain scoring (kl.PairScorer runs two models).
+    ``on_batch(finished)`` is called after each batch with its windows' records and NLLs.
+    """
+    from tqdm.auto import tqdm
+
+    ids = SpecialIds.of(tokenizer)
+    if any(w.replace_first for w in windows) and ids.bos is None:
+        raise HarnessError("eval.bos: 'replace' needs a BOS token and this tokenizer has none; use eval.bos=none")
+    order = sorted(windows, key=lambda w: -w.input_length) if sort_by_length else list(windows)
+    records: list[WindowRecord] = []
+    positions = PositionStats.empty(max_length)
+    scored = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(order), unit="win", desc="scoring", disable=not progress, dynamic_ncols=True)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        batch = build_batch(chunk, streams, ids.bos, ids.prefix, ids.pad)
+        nlls = scorer(batch, chunk) if scorer else token_nlls(model, batch, logits_chunk)
+        check_finite(nlls, chunk, batch.counts)
+        positions.add(batch.cols.numpy(), nlls)
+        nll64 = nlls.astype(np.float64)
+        offset = 0
+        first = len(records)
+        for w, n in zip(chunk, batch.counts):
+            part = nll64[offset : offset + n]
+            offset += n
+            s = streams[w.doc]
+            records.append(
+                WindowRecord(
+                    index=w.index, doc=w.doc, begin=w.begin, end=w.end, score_begin=w.score_begin,
+                    score_end=w.score_end, prefix=w.prefix, replace_first=w.replace_first,
+                    sum_nll=float(part.sum()), sum_nll_sq=float((part * part).sum()), tokens=n,
+                    bytes=int(s.byte_bounds[w.score_end] - s.byte_bounds[w.score_begin]),
+                    words=int(s.word_bounds[w.score_end] - s.word_bounds[w.score_begin]),
+                    domain=s.domain,
+                )
+            )
+        if on_batch is not None:
+            ends = np.cumsum(batch.counts)
+            on_batch([Finished(r, nlls[e - r.tokens : e]) for r, e in zip(records[first:], ends)])
+        scored += len(nlls)
+        bar.update(len(chunk))
+        bar.set_postfix(tok_s=f"{scored / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False)
+    bar.close()
+    return records, positions, time.perf_counter() - start

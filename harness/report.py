@@ -214,7 +214,7 @@ def line_chart(series: list[dict], xlabel: str, ylabel: str, width: int = 560, h
     return c
 
 
-def interval_bars(rows: list[dict], lo_key: str, hi_key: str, mid_key: str, zero: bool = False, width: int = 180) -> None:
+def interval_bars(rows: list[dict], lo_key: str, hi_key: str, mid_key: str, zero: bool = False, width: int = 140) -> None:
     """Adds ``bar`` (x positions in a ``width``-pixel strip) to each row, on the rows' common scale."""
     vals = [v for r in rows for v in (r.get(lo_key), r.get(hi_key), r.get(mid_key)) if _num(v)]
     if zero:

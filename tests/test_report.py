@@ -133,14 +133,16 @@ def folder(tmp_path_factory, tiny, smollm2):
     res = base / "results"
 
     def tiny_run(name, out=None, folder=folder_, m=model, **kw):
-        cfg = validate({**tiny_config(folder, corpus, **kw.pop("eval", {})), "name": name, **kw})
+        cfg = tiny_config(folder, corpus, **kw.pop("eval", {}))
+        cfg["corpus"].update(kw.pop("corpus", {}))
+        cfg = validate({**cfg, "name": name, **kw})
         extra = {"baseline_model": model} if "baseline_model" in kw else {}
         return run(cfg, res / (out or name), model=m, tokenizer=tok, progress=False, **extra)
 
     tiny_run("tiny-s16")
     tiny_run("tiny-s8", eval={"stride": 8})
     tiny_run(PWN, "tiny-script-name")
-    paloma = tiny_run("tiny-paloma", eval={"protocol": "paloma", "max_length": 32})
+    paloma = tiny_run("tiny-paloma", eval={"protocol": "paloma", "max_length": 32}, corpus={"domain_field": "domain"})
     # a second checkpoint with the same tokenizer, run in KL mode against the first
     other = base / "tiny-seed1"
     other.mkdir()
@@ -253,12 +255,14 @@ def test_comparison_sweep_kl_and_samples_shown(folder):
     pal = runs["tiny-paloma"]
     for name, d in recs["tiny-paloma"]["domains"]["per_domain"].items():
         assert f"{d['perplexity']:.4f}" in pal.text()
-    samples = pd.read_parquet(res / "tiny-paloma" / "samples.parquet").sort_values("perplexity", ascending=False)
+    samples = pd.read_parquet(res / "tiny-paloma" / "samples.parquet")
+    worst = samples.perplexity.sort_values(ascending=False).head(10)
     table = pal.find("table", "samples")
-    shown = [tr for tr in table.find("tbody").iter("tr")]
-    assert len(shown) == min(10, len(samples))
-    assert [tr.find("td").text() for tr in shown] == [str(s) for s in samples["sample"].head(len(shown))]
-    texts = [tr.find("td", "text").text() for tr in shown]
+    header = [th.text() for th in table.find("thead").iter("th")]
+    shown = [[td.text() for td in tr.iter("td")] for tr in table.find("tbody").iter("tr")]
+    col = header.index("perplexity")
+    assert [row[col] for row in shown] == [f"{p:.4f}" for p in worst]  # the worst first
+    texts = [row[header.index("text")] for row in shown]
     assert any(EVIL_TEXT.strip() in t for t in texts)  # the corpus's <script> shows as text
 
 
@@ -298,7 +302,7 @@ def _page_requests(netlog: Path) -> list[str]:
     urls = []
     for e in log["events"]:
         p = e.get("params") or {}
-        if e["type"] == start and (p.get("initiator") != "not an origin" or "file://" in p.get("network_isolation_key", "")):
+        if e["type"] == start and "url" in p and (p.get("initiator") != "not an origin" or "file://" in p.get("network_isolation_key", "")):
             urls.append(p.get("url"))
     return urls
 

@@ -125,7 +125,7 @@ def folder(tmp_path_factory, tiny, smollm2):
     folder_, model, tok = tiny
     base = tmp_path_factory.mktemp("report")
     corpus = base / "docs.jsonl"
-    paragraphs = [p for p in TINY_TEXT.split(".") if p.strip()]
+    paragraphs = [p for p in TINY_TEXT.split(".") if p.strip()][:8]  # 9 documents: all in the worst-samples table
     docs = [(p.strip() + ". ") * (1 + i % 3) for i, p in enumerate(paragraphs)] + [EVIL_TEXT * 3]
     with corpus.open("w") as f:
         for i, d in enumerate(docs):
@@ -261,6 +261,7 @@ def test_comparison_sweep_kl_and_samples_shown(folder):
     header = [th.text() for th in table.find("thead").iter("th")]
     shown = [[td.text() for td in tr.iter("td")] for tr in table.find("tbody").iter("tr")]
     col = header.index("perplexity")
+    assert len(shown) == len(samples) == 9
     assert [row[col] for row in shown] == [f"{p:.4f}" for p in worst]  # the worst first
     texts = [row[header.index("text")] for row in shown]
     assert any(EVIL_TEXT.strip() in t for t in texts)  # the corpus's <script> shows as text

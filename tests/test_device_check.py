@@ -52,7 +52,8 @@ def test_reinstall_commands():
 def test_this_machine_says_cpu_build():
     """The real check on this machine (no nvidia-smi, the CPU build): one line, nothing installed."""
     assert not torch.cuda.is_available()
-    proc = subprocess.run([sys.executable, "-m", "harness.device_check"], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [f"torch {torch.__version__}, CPU build"]
+    for extra in ([], ["--check-only"]):
+        proc = subprocess.run([sys.executable, "-m", "harness.device_check", *extra], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [f"torch {torch.__version__}, CPU build"]

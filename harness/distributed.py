@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 
 def resolve_device(requested: str, cuda_available: bool, device_count: int, local_rank: int = 0, world: int = 1,
-                   mps_available: bool = False) -> str:
+                   mps_available: bool = False, key: str = "model.device") -> str:
     """The device this process runs ``model.device`` on, or a HarnessError naming the problem.
 
     The one place the harness decides a device, from the config and the machine (pure: the
@@ -32,44 +32,44 @@ def resolve_device(requested: str, cuda_available: bool, device_count: int, loca
         return "cpu"
     if requested == "mps":
         if not mps_available:
-            raise HarnessError("model.device: 'mps' asked for but torch sees no MPS device; use model.device=cpu or auto")
+            raise HarnessError(f"{key}: 'mps' asked for but torch sees no MPS device; use {key}=cpu or auto")
         return "mps"
     if requested == "auto" and not (cuda_available and device_count > 0):
         return "cpu"
     if not (cuda_available and device_count > 0):
         raise HarnessError(
-            f"model.device: '{requested}' asked for but torch sees no CUDA device (a CPU build of torch, or no GPU); "
-            "use model.device=cpu, or install a CUDA build of torch (make setup)"
+            f"{key}: '{requested}' asked for but torch sees no CUDA device (a CPU build of torch, or no GPU); "
+            f"use {key}=cpu, or install a CUDA build of torch (make setup)"
         )
     if requested in ("auto", "cuda"):
         if local_rank >= device_count:
             raise HarnessError(
-                f"model.device: local rank {local_rank} has no GPU of its own ({device_count} visible); "
+                f"{key}: local rank {local_rank} has no GPU of its own ({device_count} visible); "
                 "launch at most one process per GPU"
             )
         return f"cuda:{local_rank}"
     index = int(requested.split(":", 1)[1])  # the config admits only auto, cpu, mps, cuda, cuda:N
     if index >= device_count:
         raise HarnessError(
-            f"model.device: '{requested}' asked for but torch sees {device_count} CUDA device(s) "
+            f"{key}: '{requested}' asked for but torch sees {device_count} CUDA device(s) "
             f"(cuda:0 to cuda:{device_count - 1}); choose one of them"
         )
     if world > 1:
         raise HarnessError(
-            f"model.device: '{requested}' would put every one of the {world} processes on one GPU; "
-            "use model.device=cuda (each local rank takes its own GPU)"
+            f"{key}: '{requested}' would put every one of the {world} processes on one GPU; "
+            f"use {key}=cuda (each local rank takes its own GPU)"
         )
     return requested
 
 
-def local_device(requested: str) -> str:
+def local_device(requested: str, key: str = "model.device") -> str:
     """``resolve_device`` for this process, on this machine."""
     import torch
 
     cuda = torch.cuda.is_available()
     return resolve_device(
         requested, cuda, torch.cuda.device_count() if cuda else 0, int(os.environ.get("LOCAL_RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")), torch.backends.mps.is_available(),
+        int(os.environ.get("WORLD_SIZE", "1")), torch.backends.mps.is_available(), key,
     )
 
 

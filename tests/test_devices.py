@@ -93,3 +93,11 @@ def test_cli_cuda_without_cuda_is_one_line_exit_2(tiny, tiny_corpus, tmp_path):
         assert lines == [f"error: model.device: '{device}' asked for but torch sees no CUDA device (a CPU build of torch, "
                          "or no GPU); use model.device=cpu, or install a CUDA build of torch (make setup)"], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_baseline_model_device_is_honoured(tiny, tiny_corpus):
+    folder, model, tok = tiny
+    data = tiny_config(folder, tiny_corpus, batch_size=2)
+    data["baseline_model"] = {"name_or_path": str(folder), "device": "cuda:0"}
+    with pytest.raises(HarnessError, match=r"^baseline_model.device: 'cuda:0' asked for but torch sees no CUDA device"):
+        run(validate(data), model=model, tokenizer=tok, write=False, progress=False)

@@ -50,6 +50,17 @@ class ModelConfig(_Section):
         "activations, CPU, float32) or int8-weight-only (weights rounded to int8 per output channel)."
     )
 
+    random_init: bool = Field(
+        False, description="Random weights: name_or_path is a model config .json (e.g. configs/models/llama-3-8b.json); needs tokenizer."
+    )
+    seed: int = Field(0, description="Seed of the random weights (random_init), drawn on the CPU in float32.")
+
+    @model_validator(mode="after")
+    def _random_init(self) -> "ModelConfig":
+        if self.random_init and (self.tokenizer is None or self.gguf_file or self.device_map):
+            raise ValueError("random_init: set model.tokenizer (a tokenizer folder), and neither gguf_file nor device_map")
+        return self
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

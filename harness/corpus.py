@@ -115,9 +115,14 @@ def find_in_mirror(cfg: CorpusConfig) -> Path | None:
 
 def _hub_rows(cfg: CorpusConfig):
     """The dataset's rows: from the mirror when offline (or the hub fails), else from the hub."""
-    import datasets
-
     mirrored = find_in_mirror(cfg)
+    try:
+        import datasets
+    except ImportError:  # a mirrored parquet is read with pyarrow (a GPU node may lack datasets)
+        if mirrored is None:
+            raise HarnessError(f"corpus.dataset: '{cfg.dataset}' needs the datasets package (pip install datasets) or a mirror "
+                               "(corpus.mirror or PPL_CORPUS_MIRROR)") from None
+        return _file_rows(cfg.model_copy(update={"path": str(mirrored), "dataset": None}))
     if mirrored is not None and (_offline() or cfg.mirror):
         return datasets.load_dataset("parquet", data_files=str(mirrored), split="train", streaming=cfg.streaming)
     if _offline():

@@ -17,17 +17,75 @@ import os
 from typing import Any, Callable, Sequence
 
 
+def resolve_device(requested: str, cuda_available: bool, device_count: int, local_rank: int = 0, world: int = 1,
+                   mps_available: bool = False, key: str = "model.device") -> str:
+    """The device this process runs ``model.device`` on, or a HarnessError naming the problem.
+
+    The one place the harness decides a device, from the config and the machine (pure: the
+    caller passes what torch sees). ``auto`` takes a GPU when there is one; ``cuda`` is the
+    local rank's GPU (GPU 0 in a plain launch); ``cuda:N`` is GPU N as asked. Never a quiet
+    fall back to the CPU: a device that is not there stops the run.
+    """
+    from .errors import HarnessError
+
+    if requested == "cpu":
+        return "cpu"
+    if requested == "mps":
+        if not mps_available:
+            raise HarnessError(f"{key}: 'mps' asked for but torch sees no MPS device; use {key}=cpu or auto")
+        return "mps"
+    if requested == "auto" and not (cuda_available and device_count > 0):
+        return "cpu"
+    if not (cuda_available and device_count > 0):
+        raise HarnessError(
+            f"{key}: '{requested}' asked for but torch sees no CUDA device (a CPU build of torch, or no GPU); "
+            f"use {key}=cpu, or install a CUDA build of torch (make setup)"
+        )
+    if requested in ("auto", "cuda"):
+        if local_rank >= device_count:
+            raise HarnessError(
+                f"{key}: local rank {local_rank} has no GPU of its own ({device_count} visible); "
+                "launch at most one process per GPU"
+            )
+        return f"cuda:{local_rank}"
+    index = int(requested.split(":", 1)[1])  # the config admits only auto, cpu, mps, cuda, cuda:N
+    if index >= device_count:
+        raise HarnessError(
+            f"{key}: '{requested}' asked for but torch sees {device_count} CUDA device(s) "
+            f"(cuda:0 to cuda:{device_count - 1}); choose one of them"
+        )
+    if world > 1:
+        raise HarnessError(
+            f"{key}: '{requested}' would put every one of the {world} processes on one GPU; "
+            f"use {key}=cuda (each local rank takes its own GPU)"
+        )
+    return requested
+
+
+def local_device(requested: str, key: str = "model.device") -> str:
+    """``resolve_device`` for this process, on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return resolve_device(
+        requested, cuda, torch.cuda.device_count() if cuda else 0, int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")), torch.backends.mps.is_available(), key,
+    )
+
+
 class Distributor:
     def __init__(self, device: str = "auto"):
         from accelerate import PartialState
 
-        cpu = device == "cpu"
-        if device == "auto":
+        # decided per run from the config: accelerate's state is a process-wide singleton whose
+        # device is fixed by the first run of the process (a sweep may mix cpu and cuda entries)
+        self._device = local_device(device)
+        if self._device.startswith("cuda"):
             import torch
 
-            cpu = not torch.cuda.is_available()
+            torch.cuda.set_device(self._device)
         # accelerate picks gloo for a CPU run when told cpu=True
-        self.state = PartialState(cpu=cpu)
+        self.state = PartialState(cpu=self._device == "cpu")
 
     @property
     def rank(self) -> int:
@@ -43,7 +101,29 @@ class Distributor:
 
     @property
     def device(self) -> str:
-        return str(self.state.device)
+        return self._device
+
+    def reset_device_peaks(self) -> None:
+        """Start a run's device-memory peaks afresh on every visible GPU (a process runs many)."""
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
+
+    def device_peaks(self, devices) -> dict[str, int] | None:
+        """Peak bytes allocated since ``reset_device_peaks`` on each GPU among ``devices``, all
+        ranks together (``{"cuda:0": bytes, ...}``; ``dev@rankN`` where two ranks name one
+        device, e.g. on two nodes); None when no rank's model is on a GPU."""
+        import torch
+
+        mine = {str(d): int(torch.cuda.max_memory_allocated(d)) for d in sorted({torch.device(x) for x in devices}, key=str)
+                if d.type == "cuda"}
+        merged: dict[str, int] = {}
+        for rank, peaks in enumerate(self.gather([mine])):
+            for dev, peak in peaks.items():
+                merged[dev if dev not in merged else f"{dev}@rank{rank}"] = peak
+        return merged or None
 
     def shard(self, items: Sequence[Any]) -> list[Any]:
         """This rank's share: every ``world``-th item starting at ``rank``."""
@@ -72,12 +152,6 @@ class Distributor:
         from accelerate.utils import gather_object
 
         return gather_object(items)
-
-    def peak_device_memory(self) -> int | None:
-        """Peak bytes allocated on this process's accelerator (None on CPU)."""
-        import torch
-
-        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
     @staticmethod
     def versions() -> dict:

@@ -189,4 +189,8 @@ def load_baseline(cfg, tokenizer, device: str | None):
                 "baseline_model: its tokenizer differs from the model's; KL divergence compares two models on the same "
                 "tokens (set baseline_model.tokenizer to the model's tokenizer if they are the same)"
             )
+    if base_cfg.device != "auto" and not base_cfg.device_map:  # the model's device unless the baseline names its own
+        from .distributed import local_device
+
+        device = local_device(base_cfg.device, key="baseline_model.device")
     return load_model(base_cfg, device=None if base_cfg.device_map else device)

@@ -64,6 +64,8 @@ class ModelSource:
 
 def resolve(cfg: ModelConfig) -> ModelSource:
     name = cfg.name_or_path
+    if cfg.random_init:  # name_or_path is a model config file (random_model)
+        return ModelSource(name, None, cfg.tokenizer)
     if name.startswith(PKG_PREFIX):
         folder = str(prepare_packaged_model(name[len(PKG_PREFIX):], cfg.gguf_file))
     else:
@@ -87,13 +89,9 @@ def torch_dtype(name: str):
 
 
 def pick_device(name: str) -> str:
-    import torch
+    from .distributed import local_device  # the one place a device is decided
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    return local_device(name)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -114,6 +112,10 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if cfg.random_init:
+        model = random_model(cfg).to(torch.float32 if cfg.dtype == "auto" else torch_dtype(cfg.dtype))
+        model.to(device or pick_device(cfg.device)).eval()
+        return quantize(model, cfg.quantize) if cfg.quantize else model
     src = resolve(cfg)
     kwargs = {
         "dtype": torch_dtype(cfg.dtype),
@@ -140,6 +142,26 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     if cfg.quantize:
         quantize(model, cfg.quantize)
     return model
+
+
+def random_model(cfg: ModelConfig):
+    """A causal LM of the shape ``model.name_or_path`` (a config .json) names, with random
+    weights drawn from ``model.seed`` on the CPU in float32: the same weights on every machine
+    with the same torch (the global random state is left as it was)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(cfg.name_or_path).expanduser()
+    if not path.is_file() or path.suffix != ".json":
+        raise HarnessError(f"model.name_or_path: random_init needs a model config .json file; not found: {path} (see configs/models/)")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise HarnessError(f"model.name_or_path: {path} is not a model config transformers can read: {first}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def quantize(model, method: str):

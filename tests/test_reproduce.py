@@ -119,6 +119,7 @@ def _check_entries(entries: dict[str, R.Entry], loaded) -> None:
         assert abs(row.got - e.expected) <= e.tolerance, name
 
 
+@pytest.mark.slow
 def test_smollm2_entries_reproduce(smollm2):
     """Every SmolLM2 entry of the registry runs in CI on its slice (the quick gptq one is also
     checked against the plain loop above)."""
@@ -129,6 +130,7 @@ def test_smollm2_entries_reproduce(smollm2):
     _check_entries(entries, smollm2)
 
 
+@pytest.mark.slow
 def test_gemma3_entries_reproduce(gemma3):
     """Every Gemma-3 entry of the registry runs in CI on its slice, on the session's Gemma-3."""
     from .conftest import GEMMA3

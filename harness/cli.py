@@ -5,8 +5,12 @@ User mistakes (``HarnessError``) end with one line on stderr and exit code 2, no
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +26,34 @@ app = typer.Typer(
 )
 
 OVERRIDES = typer.Argument(None, help="Dotted overrides KEY=VALUE, e.g. eval.stride=512 corpus.max_tokens=8192.")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a run is scored, SIGTERM (a cluster scheduler's notice before it kills a job) is handled
+    as Ctrl-C: a KeyboardInterrupt, so the finished windows stay in the resume log and the resume
+    command is printed. Yields a dict that records which signal arrived."""
+    received: dict = {}
+
+    def on_term(signum, frame):
+        received["signal"] = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _this_command() -> str:
+    """The command line that started this process, to run again (``python -m harness ...`` or ``ppl ...``)."""
+    prog = sys.argv[0]
+    head = [sys.executable, "-m", "harness"] if prog.endswith("__main__.py") else [prog]
+    return shlex.join(head + sys.argv[1:])
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -43,11 +75,14 @@ def run_cmd(
     from .runner import run  # heavy imports (torch, transformers) only once the config is valid
 
     try:
-        result = run(cfg, output_dir, progress=progress)
+        with _sigterm_as_interrupt() as received:
+            result = run(cfg, output_dir, progress=progress)
     except KeyboardInterrupt as err:  # typer would exit 130 without a word
         if os.environ.get("RANK", "0") == "0":  # the runner's message says what was kept and how to resume
-            typer.echo(str(err) or "interrupted: nothing was written; run the same command again to start over", err=True)
-        raise typer.Exit(130) from None
+            message = str(err) or "interrupted: nothing was written; run the same command again to start over"
+            typer.echo(f"{message}: {_this_command()}", err=True)
+        # 128 + the signal's number, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C
+        raise typer.Exit(128 + received.get("signal", signal.SIGINT)) from None
     if result.run_dir is None:
         return  # not the main process
     r = result.record

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .files import existing_file, reading
 from .windows import BosPolicy
 
 PROTOCOLS = ("sliding", "gptq", "llamacpp", "lm-eval", "paloma")
@@ -149,6 +150,21 @@ class OutputConfig(_Section):
     run_id: str | None = Field(None, description="Run folder name (default: time, model, corpus, config hash).")
     save_windows: bool = True
 
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        # a folder name under output.dir, never a path: '../x' or '/tmp/x' would write outside it
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must be a non-empty folder name")
+        if "/" in v or "\\" in v or "\0" in v or v.startswith(".") or v != v.strip():
+            raise ValueError(
+                "must be a folder name, not a path: no '/', '\\', NUL, '..', leading dot or surrounding spaces "
+                "(use --output-dir to write elsewhere)"
+            )
+        return v
+
 
 class RunConfig(_Section):
     """A whole run: model, corpus, evaluation and output."""
@@ -254,18 +270,15 @@ def validate(data: Any, source: str | None = None) -> RunConfig:
 
 
 def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file not found: {p} (check the path; shipped configs are under configs/)"])
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "not valid YAML"
-        raise ConfigError([f"YAML does not parse{where}: {problem} (fix the syntax)"], str(p)) from None
-    except UnicodeDecodeError as err:
-        raise ConfigError([f"not UTF-8 text (byte offset {err.start}); save the file as UTF-8"], str(p)) from None
+    p = existing_file(path, "config", "config file", "check the path; shipped configs are under configs/")
+    with reading(p, "config", "YAML config file", "save the file as UTF-8 YAML"):
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ConfigError([f"YAML does not parse{where}: {problem} (fix the syntax)"], str(p)) from None
     return data if data is not None else {}
 
 

@@ -20,6 +20,12 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _kind(err: BaseException) -> str:
+    """The exception's type as a user can search for it (``struct.error``, not ``error``)."""
+    name = type(err).__name__
+    return f"{type(err).__module__}.{name}" if name == "error" else name
+
+
 def existing_file(path: str | Path, key: str, what: str = "file", fix: str = "check the path") -> Path:
     """``path`` as a Path, if it names a readable regular file; else one line naming the problem."""
     p = Path(path).expanduser()
@@ -33,11 +39,12 @@ def existing_file(path: str | Path, key: str, what: str = "file", fix: str = "ch
 
 
 @contextlib.contextmanager
-def reading(path: str | Path, key: str, what: str, fix: str):
+def reading(path: str | Path, key: str, what: str, fix: str, problem: str | None = None):
     """Run a parser on ``path``; any failure it raises becomes one line: key, file, reason, fix.
 
     ``HarnessError`` passes through unchanged (it is already one line). ``what`` names the kind of
-    file ("GGUF model file", "Parquet file"); ``fix`` says what the user can do.
+    file ("GGUF model file", "Parquet file"); ``fix`` says what the user can do; ``problem`` replaces
+    "is not a valid <what>" where more is known (a parser that fails only on a file cut short).
     """
     try:
         yield Path(path)
@@ -52,4 +59,58 @@ def reading(path: str | Path, key: str, what: str, fix: str):
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - a parser's own error types are many; each is a bad file here
-        raise HarnessError(f"{key}: {path} is not a valid {what} ({type(err).__name__}: {_first_line(err)}); {fix}") from None
+        raise HarnessError(f"{key}: {path} {problem or 'is not a valid ' + what} ({_kind(err)}: {_first_line(err)}); {fix}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of model files, cheap enough to run before transformers parses them
+
+GGUF_MAGIC = b"GGUF"
+GGUF_FIX = "check model.name_or_path and model.gguf_file; a download cut short must be fetched again"
+GGUF_DAMAGED = "is a GGUF file cut short or damaged: it does not parse"
+
+
+def gguf_file(path: str | Path, key: str = "model.gguf_file") -> Path:
+    """``path`` if it is a GGUF file by its first bytes (magic and version); else one line.
+
+    Reading the 24-byte header costs nothing; a file cut short further on is caught where
+    transformers parses it (``models.load_*`` run that inside ``reading``)."""
+    import struct
+
+    p = existing_file(path, key, "GGUF model file", GGUF_FIX)
+    with reading(p, key, "GGUF model file", GGUF_FIX):
+        with open(p, "rb") as f:
+            head = f.read(24)
+    if not head:
+        raise HarnessError(f"{key}: {p} is empty, not a GGUF model file ({GGUF_FIX})")
+    if head[:4] != GGUF_MAGIC:
+        raise HarnessError(f"{key}: {p} is not a GGUF model file (it does not start with the bytes 'GGUF'); {GGUF_FIX}")
+    if len(head) < 24:
+        raise HarnessError(f"{key}: {p} is truncated: {len(head)} bytes, shorter than a GGUF header ({GGUF_FIX})")
+    (version,) = struct.unpack_from("<I", head, 4)
+    if version not in (2, 3):
+        raise HarnessError(f"{key}: {p} is GGUF version {version}; versions 2 and 3 can be read (convert the file again)")
+    return p
+
+
+def json_file(path: str | Path, key: str, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; a file that is not one (empty, cut short, a list) is one line."""
+    import json
+
+    p = existing_file(path, key, what, fix)
+    with reading(p, key, what, fix):
+        data = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise HarnessError(f"{key}: {p} is not a valid {what} (a JSON {type(data).__name__}, not an object); {fix}")
+    return data
+
+
+def safetensors_file(path: str | Path, key: str, fix: str) -> Path:
+    """``path`` if its safetensors header parses and covers the whole file (so it is not cut short)."""
+    from safetensors import safe_open
+
+    p = existing_file(path, key, "safetensors file", fix)
+    with reading(p, key, "safetensors file", fix):
+        with safe_open(str(p), framework="pt") as f:
+            f.keys()
+    return p

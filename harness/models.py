@@ -11,12 +11,14 @@ safetensors or GGUF, never by unpickling unless ``allow_pickle``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import files
 from .config import ModelConfig
 from .errors import HarnessError
 
@@ -76,10 +78,56 @@ def resolve(cfg: ModelConfig) -> ModelSource:
             raise HarnessError(f"model.name_or_path: folder not found: {name} (check the path)")
         if looks_local:
             folder = str(local)
-        if cfg.gguf_file and looks_local and not (local / cfg.gguf_file).is_file():
-            raise HarnessError(f"model.gguf_file: '{cfg.gguf_file}' not found in {local}")
+    if cfg.gguf_file and Path(folder).is_dir():  # a local or packaged GGUF: its first bytes, before transformers parses it
+        files.gguf_file(Path(folder) / cfg.gguf_file)
     tok = cfg.tokenizer or folder
     return ModelSource(folder, cfg.gguf_file, tok)
+
+
+MODEL_FIX = "the model folder is damaged: copy or download it again"
+
+
+def check_model_config(folder: str, key: str = "model.name_or_path") -> None:
+    """A local folder's config.json, if it has one, is a JSON object naming its model_type."""
+    path = Path(folder) / "config.json"
+    if Path(folder).is_dir() and path.exists():
+        data = files.json_file(path, key, "model config (config.json)", MODEL_FIX)
+        if "model_type" not in data:
+            raise HarnessError(f"{key}: {path} is not a valid model config (config.json): it has no model_type; {MODEL_FIX}")
+
+
+def check_model_files(folder: str) -> None:
+    """A local model folder's config.json and safetensors weights parse (each named if not)."""
+    local = Path(folder)
+    if not local.is_dir():
+        return  # a hub id: transformers fetches and checks it
+    check_model_config(folder)
+    for weights in sorted(local.glob("*.safetensors")):
+        files.safetensors_file(weights, "model.name_or_path", MODEL_FIX)
+
+
+def check_tokenizer_files(folder: str, key: str = "model.tokenizer") -> None:
+    """A local tokenizer folder's tokenizer.json and tokenizer_config.json parse (each named if not)."""
+    local = Path(folder)
+    if not local.is_dir():
+        return
+    fix = "the tokenizer files are damaged: copy or download them again"
+    check_model_config(folder, key)  # transformers reads it to choose the tokenizer's class
+    if (local / "tokenizer_config.json").exists():
+        files.json_file(local / "tokenizer_config.json", key, "tokenizer config (tokenizer_config.json)", fix)
+    if (local / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        files.existing_file(local / "tokenizer.json", key, "tokenizer file", fix)
+        with files.reading(local / "tokenizer.json", key, "tokenizer file (tokenizer.json)", fix) as path:
+            Tokenizer.from_file(str(path))
+
+
+def _gguf_parse(src: ModelSource, key: str, parses: bool = True):
+    """transformers parses a GGUF file while loading: its failures (a file cut short) are the file's."""
+    if not (parses and src.gguf_file and Path(src.folder).is_dir()):
+        return contextlib.nullcontext()
+    return files.reading(Path(src.folder) / src.gguf_file, key, "GGUF model file", files.GGUF_FIX, files.GGUF_DAMAGED)
 
 
 def torch_dtype(name: str):
@@ -99,10 +147,14 @@ def load_tokenizer(cfg: ModelConfig):
 
     src = resolve(cfg)
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
-    if src.gguf_file and src.tokenizer == src.folder:
+    from_gguf = bool(src.gguf_file and src.tokenizer == src.folder)
+    if from_gguf:
         kwargs["gguf_file"] = src.gguf_file
+    else:
+        check_tokenizer_files(src.tokenizer, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     try:
-        return AutoTokenizer.from_pretrained(src.tokenizer, **kwargs)
+        with _gguf_parse(src, "model.gguf_file", from_gguf):
+            return AutoTokenizer.from_pretrained(src.tokenizer, **kwargs)
     except OSError as err:
         raise HarnessError(f"model.tokenizer: cannot load a tokenizer from '{src.tokenizer}': {str(err).splitlines()[0]}") from None
 
@@ -130,8 +182,11 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
+    if not src.gguf_file:
+        check_model_files(src.folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
+        with _gguf_parse(src, "model.gguf_file"):
+            model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
     except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""

@@ -26,10 +26,12 @@ import numpy as np
 
 from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
+from .files import reading
 from .windows import Window
 
 PARTIAL = ".partial"
 PAD_INDEX = -1  # padding windows (uneven work across ranks) carry this index and score nothing
+FORMAT = 1  # the log's layout; a log of another layout is refused with one line, never misread
 
 
 @dataclass
@@ -81,7 +83,7 @@ class ResumeLog:
     def __init__(self, folder: Path, config_hash: str, n_windows: int, exclusive_folder: bool):
         self.dir = Path(folder) / PARTIAL
         self.path = self.dir / f"{config_hash[:32]}.jsonl"
-        self.header = {"config_hash": config_hash, "windows": n_windows}
+        self.header = {"format": FORMAT, "config_hash": config_hash, "windows": n_windows}
         self.exclusive_folder = exclusive_folder  # the folder is this run's own: old logs are stale
         self._file = None
 
@@ -100,7 +102,11 @@ class ResumeLog:
             raise HarnessError(
                 f"another run of the same config is writing {self.path}; wait for it or use another --output-dir"
             ) from None
-        done = self._read()
+        try:
+            done = self._read()
+        except HarnessError:
+            self.close()
+            raise
         if not done and self._file.tell() == 0:
             self._write_lines([json.dumps(self.header)])
         return done
@@ -110,15 +116,37 @@ class ResumeLog:
         data = self._file.read()
         good = data.rfind(b"\n") + 1  # a line cut short by a kill is dropped
         lines = data[:good].splitlines()
-        if not lines or json.loads(lines[0]) != self.header:
-            good, lines = 0, []
+        if lines and self._header(lines[0]) != self.header:
+            good, lines = 0, []  # another plan under the same name: start over
+        seen: dict[int, Finished] = {}
+        fix = f"delete {self.path} to start the run over"
+        with reading(self.path, "resume log", "resume log", fix):
+            for n, line in enumerate(lines[1:], start=2):
+                try:
+                    f = _decode(line)
+                except Exception as err:  # noqa: BLE001 - a whole line that does not decode is damage, not a kill
+                    raise ValueError(f"line {n} is not a finished window: {type(err).__name__}") from None
+                seen.setdefault(f.record.index, f)
         self._file.truncate(good)
         self._file.seek(good)
-        seen: dict[int, Finished] = {}
-        for line in lines[1:]:
-            f = _decode(line)
-            seen.setdefault(f.record.index, f)
         return list(seen.values())
+
+    def _header(self, line: bytes) -> dict:
+        """The log's first line; a header that is not this format's is one line naming the file."""
+        fix = f"delete {self.path} to start the run over"
+        with reading(self.path, "resume log", "resume log", fix):
+            try:
+                header = json.loads(line)
+            except ValueError:
+                raise ValueError("its first line is not a JSON header") from None
+        if not isinstance(header, dict) or "config_hash" not in header:
+            raise HarnessError(f"resume log: {self.path} is not a resume log (no header on its first line); {fix}")
+        if header.get("format") != FORMAT:
+            raise HarnessError(
+                f"resume log: {self.path} was written by another version of the harness "
+                f"(format {header.get('format', 0)}, this one reads {FORMAT}); {fix}"
+            )
+        return header
 
     def _write_lines(self, lines: list[str]) -> None:
         self._file.write("".join(line + "\n" for line in lines).encode("utf-8"))

@@ -93,6 +93,8 @@ def plan_sliding(
     window's first token with BOS, so that token is context only. ``none`` and ``stream`` change
     nothing here (they decide whether the tokenizer put a BOS at ``t[0]``).
     """
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be non-negative, got {n_tokens}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     prefix = bos == BosPolicy.EVERY

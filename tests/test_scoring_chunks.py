@@ -91,7 +91,9 @@ def test_head_memory_bounded_by_chunk_not_batch(wide_vocab_model, chunk):
         assert len(batch.targets) > chunk  # several chunks ran
     bound = chunk * vocab * 4  # one float32 chunk of logits
     for shape, peak in peaks.items():
-        assert bound <= peak <= bound * 1.05, (shape, peak, bound)
+        # the largest allocation is exactly that chunk (the CPU head pads rows to a multiple of 16,
+        # which 16 and 64 are), whatever the batch: nothing grows with the number of positions
+        assert peak == bound, (shape, peak, bound)
     # the measurement can see growth: the full-logits forward allocates batch x length x vocab
     full = _batch(vocab, n_tokens=4 * 64 // 2 + 32, L=64, S=32)
     peak_full = _largest_allocation(lambda: _full_logits_nlls(model, full))

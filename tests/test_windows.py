@@ -426,11 +426,8 @@ def test_invalid_arguments_raise_value_error(n, L, S, policy, replace_bos):
 
     capacity = L - int(policy is BosPolicy.EVERY)
     result = outcome(plan_sliding, n, L, S, policy)
-    if valid_L and 1 <= S <= capacity:
-        if valid_n:
-            assert isinstance(result, list)
-        else:  # plan_sliding does not check n_tokens today: a negative one plans nothing
-            assert result in ([], "ValueError")
+    if valid_L and 1 <= S <= capacity and valid_n:
+        check_contract(result, n, L)  # a valid plan, not merely a list
     else:
         assert result == "ValueError"
 

@@ -44,6 +44,7 @@ class Case:
     documents: int = 0  # lm-eval: first N articles of the document-level split
     memory_limit_gb: float | None = None  # target for the harness process's peak RSS
     comparisons: tuple = ()  # of Comparison; tool names are TOOL:DTYPE
+    overrides: tuple = ()  # extra harness config overrides (run.py --set), e.g. eval.compile=true
 
     @property
     def tools(self) -> tuple[str, ...]:
@@ -52,6 +53,11 @@ class Case:
         for c in self.comparisons:
             names += [c.tool] + ([c.baseline] if c.baseline else [])
         return tuple(dict.fromkeys(names))
+
+    @property
+    def timed(self) -> tuple[str, ...]:
+        """The tools whose speed is compared (run ``--repeats`` times); the others run once."""
+        return tuple(dict.fromkeys(t for c in self.comparisons if c.baseline for t in (c.tool, c.baseline)))
 
 
 # The harness as shipped (model.dtype: auto) against the other tools as shipped (float32), and

@@ -40,7 +40,7 @@ def run_harness(case: Case, dtype: str) -> dict:
                       "corpus.join=null", "eval.stride=null"]
     else:
         overrides += [f"eval.stride={case.stride}", f"corpus.max_tokens={case.tokens}"]
-    cfg = load_config(MODELS[case.model], overrides)
+    cfg = load_config(MODELS[case.model], overrides + list(case.overrides))
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu")
@@ -97,7 +97,8 @@ def main(argv: list[str]) -> None:
         print(prepare(argv[1]))
         return
     tool, case_json, out = argv  # the parent passes the case (resized by --scale) as JSON
-    fields = {**json.loads(case_json), "comparisons": ()}  # the child needs the slice, not the targets
+    fields = json.loads(case_json)
+    fields.update(comparisons=(), overrides=tuple(fields.get("overrides", ())))  # the child needs the slice, not the targets
     Path(out).write_text(json.dumps(run_tool(tool, Case(**fields))))
 
 

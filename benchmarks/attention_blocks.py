@@ -76,7 +76,7 @@ def per_layer(length: int, batch: int, dtype: torch.dtype, repeats: int) -> None
         fns[f"blocks of {window // d}"] = blocks(d)
     with torch.inference_mode():
         times = alternate(fns, repeats)
-    attention.BLOCK_DIVISOR = 2
+    attention.BLOCK_DIVISOR = 4
     show(f"One sliding layer's attention, {batch} x {length} tokens, {dtype}", times, 1e3, "ms")
 
 

@@ -261,7 +261,8 @@ def main() -> None:
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cases = [dataclasses.replace(scaled(c, args.scale), overrides=tuple(args.set)) for c in CASES if not args.only or args.only in c.name]
+    cases = [dataclasses.replace(scaled(c, args.scale), overrides=tuple(args.set)) for c in CASES
+             if (args.only and args.only in c.name) or (not args.only and c.in_default)]
     lm_python = lm_eval_python()
     for key in dict.fromkeys(c.model for c in cases):  # dequantize each GGUF model once
         rc, wall, _ = run_child(sys.executable, ["prepare", key])

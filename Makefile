@@ -55,7 +55,8 @@ run: setup chromium
 test: models chromium
 	$(PY) -m pytest
 
-# BENCH_ARGS: --scale N (bigger token slices), --only TEXT (some cases); see benchmarks/run.py
+# BENCH_ARGS: --scale N (bigger token slices), --only TEXT (some cases), --repeats N (runs per tool,
+# in turn), --set KEY=VALUE (harness override); see benchmarks/run.py
 BENCH_ARGS ?=
 bench: models
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

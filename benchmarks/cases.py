@@ -22,6 +22,17 @@ MODELS = {"smollm2": REPO / "configs" / "smollm2-wikitext2.yaml", "gemma3": REPO
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """One table row pair: ``tool`` against ``baseline`` (tool names as in ``Case.tools``)."""
+
+    kind: str  # "default vs default" or "same precision (bf16)"
+    tool: str
+    baseline: str | None
+    speedup_target: float | None = None  # ratio of median tokens/s
+    peak_fraction_target: float | None = None  # achieved FLOP/s over the measured bf16 GEMM peak
+
+
+@dataclass(frozen=True)
 class Case:
     name: str
     model: str  # key of MODELS
@@ -32,11 +43,32 @@ class Case:
     tokens: int  # sliding: first N tokens of the WikiText-2 stream
     documents: int = 0  # lm-eval: first N articles of the document-level split
     memory_limit_gb: float | None = None  # target for the harness process's peak RSS
-    speedup_target: float | None = None  # harness tokens/s over the other tool's
+    comparisons: tuple = ()  # of Comparison; tool names are TOOL:DTYPE
+    overrides: tuple = ()  # extra harness config overrides (run.py --set), e.g. eval.compile=true
+    in_default: bool = True  # in a plain `make bench` (else only with --only naming it)
 
     @property
     def tools(self) -> tuple[str, ...]:
-        return ("harness", "lm_eval") if self.protocol == "lm-eval" else ("harness", "hf-guide")
+        """Every tool run, the float32 harness (the ΔPPL reference) first."""
+        names = ["harness:float32"] if any(c.baseline for c in self.comparisons) else []
+        for c in self.comparisons:
+            names += [c.tool] + ([c.baseline] if c.baseline else [])
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def timed(self) -> tuple[str, ...]:
+        """The tools whose speed is compared (run ``--repeats`` times); the others run once."""
+        return tuple(dict.fromkeys(t for c in self.comparisons if c.baseline for t in (c.tool, c.baseline)))
+
+
+# The harness as shipped (model.dtype: auto) against the other tools as shipped (float32), and
+# everything in bf16. ``harness:auto`` is the user's default: bf16 where the CPU computes it
+# natively (the precision policy), float32 elsewhere.
+def _sliding(default_target: float, bf16_target: float, peak: float | None = None) -> tuple:
+    return (
+        Comparison("default vs default", "harness:auto", "hf-guide:float32", default_target),
+        Comparison("same precision (bf16)", "harness:bfloat16", "hf-guide:bfloat16", bf16_target, peak),
+    )
 
 
 # Token slices sized so `make bench` takes minutes on two cores; --scale multiplies them. A
@@ -45,11 +77,15 @@ class Case:
 # ratio 1.7x against 2.75x at 8,192; the full split has 1,100 windows). The lm-eval cases take
 # the first three articles (9,728 SmolLM2 tokens); one article alone is two windows.
 CASES = [
-    Case("smollm2 L1024 S512", "smollm2", "sliding", 1024, 512, 4, tokens=4096, speedup_target=1.3),
-    Case("gemma3 L1024 S256", "gemma3", "sliding", 1024, 256, 4, tokens=4096, speedup_target=2.0),
-    Case("gemma3 L2048 b8", "gemma3", "sliding", 2048, 2048, 8, tokens=8 * 2048, memory_limit_gb=3.5),
-    Case("smollm2 lm-eval L1024", "smollm2", "lm-eval", 1024, 1024, 4, tokens=0, documents=3, speedup_target=1.5),
-    Case("gemma3 lm-eval L1024", "gemma3", "lm-eval", 1024, 1024, 4, tokens=0, documents=3, speedup_target=1.5),
+    Case("smollm2 L1024 S512", "smollm2", "sliding", 1024, 512, 4, tokens=4096, comparisons=_sliding(3.5, 1.3, 0.6)),
+    Case("gemma3 L1024 S256", "gemma3", "sliding", 1024, 256, 4, tokens=4096, comparisons=_sliding(5.0, 2.0)),
+    Case("gemma3 L2048 b8", "gemma3", "sliding", 2048, 2048, 8, tokens=8 * 2048, memory_limit_gb=3.5,
+         comparisons=(Comparison("default (memory)", "harness:auto", None),)),
+    Case("smollm2 lm-eval L1024", "smollm2", "lm-eval", 1024, 1024, 4, tokens=0, documents=3,
+         comparisons=(Comparison("default vs default", "harness:auto", "lm_eval:float32", 3.0),)),
+    # kept out of a plain run so that `make bench` stays under ~20 minutes: --only "gemma3 lm-eval"
+    Case("gemma3 lm-eval L1024", "gemma3", "lm-eval", 1024, 1024, 4, tokens=0, documents=3, in_default=False,
+         comparisons=(Comparison("default vs default", "harness:auto", "lm_eval:float32", 3.0),)),
 ]
 
 

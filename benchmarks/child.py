@@ -22,14 +22,17 @@ def mirror(dataset: str, config: str = "wikitext-2-raw-v1", split: str = "test")
     return root / dataset / config / f"{split}.parquet"
 
 
-def run_harness(case: Case) -> dict:
+def run_harness(case: Case, dtype: str) -> dict:
     from harness.config import load_config
     from harness.models import load_model, load_tokenizer
     from harness.runner import run
 
+    from .flops import model_shapes
+
     folder = cached_model(case.model)
     overrides = [
         f"model.name_or_path={folder}", "model.gguf_file=null", "model.device=cpu", "eval.bootstrap=0",
+        f"model.dtype={dtype}",
         f"eval.protocol={case.protocol}", f"eval.max_length={case.max_length}", f"eval.batch_size={case.batch_size}",
     ]
     if case.protocol == "lm-eval":
@@ -37,17 +40,21 @@ def run_harness(case: Case) -> dict:
                       "corpus.join=null", "eval.stride=null"]
     else:
         overrides += [f"eval.stride={case.stride}", f"corpus.max_tokens={case.tokens}"]
-    cfg = load_config(MODELS[case.model], overrides)
+    cfg = load_config(MODELS[case.model], overrides + list(case.overrides))
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu")
     load_s = time.perf_counter() - t0
     res = run(cfg, model=model, tokenizer=tok, write=False, progress=False)
+    w = res.windows
+    lengths = (w["end"] - w["begin"] + w["prefix"].astype(int)).astype(int).tolist()
     return {"scored_tokens": res.scored_tokens, "sum_nll": res["sum_nll"], "perplexity": res.perplexity,
-            "word_perplexity": res["word_perplexity"], "load_s": load_s, "score_s": res["scoring_seconds"]}
+            "word_perplexity": res["word_perplexity"], "load_s": load_s, "score_s": res["scoring_seconds"],
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "compile": cfg.eval.compile,
+            "window_lengths": lengths, "shapes": model_shapes(model)}
 
 
-def run_hf_guide(case: Case) -> dict:
+def run_hf_guide(case: Case, dtype: str) -> dict:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -57,7 +64,7 @@ def run_hf_guide(case: Case) -> dict:
     folder = cached_model(case.model)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     model.eval()
     load_s = time.perf_counter() - t0
     test = load_dataset("parquet", data_files={"test": str(mirror("Salesforce/wikitext"))}, split="test")
@@ -66,18 +73,22 @@ def run_hf_guide(case: Case) -> dict:
     t1 = time.perf_counter()
     nll, n, _ = hf_guide_nll(model, input_ids, case.max_length, case.stride)
     score_s = time.perf_counter() - t1
-    return {"scored_tokens": n, "sum_nll": nll, "perplexity": math.exp(nll / n), "load_s": load_s, "score_s": score_s}
+    return {"scored_tokens": n, "sum_nll": nll, "perplexity": math.exp(nll / n), "load_s": load_s, "score_s": score_s,
+            "dtype": dtype}
 
 
 def run_tool(tool: str, case: Case) -> dict:
-    if tool == "harness":
-        return run_harness(case)
-    if tool == "hf-guide":
-        return run_hf_guide(case)
-    if tool == "lm_eval":
+    """``tool`` is NAME:DTYPE, e.g. harness:auto, hf-guide:bfloat16, lm_eval:float32."""
+    name, _, dtype = tool.partition(":")
+    dtype = dtype or "float32"
+    if name == "harness":
+        return run_harness(case, dtype)
+    if name == "hf-guide":
+        return run_hf_guide(case, dtype)
+    if name == "lm_eval" and dtype == "float32":
         from .lmeval_run import run_lm_eval
 
-        return run_lm_eval(case, cached_model(case.model), mirror(DOC_LEVEL))
+        return {**run_lm_eval(case, cached_model(case.model), mirror(DOC_LEVEL)), "dtype": dtype}
     raise SystemExit(f"unknown tool {tool!r}")
 
 
@@ -86,7 +97,9 @@ def main(argv: list[str]) -> None:
         print(prepare(argv[1]))
         return
     tool, case_json, out = argv  # the parent passes the case (resized by --scale) as JSON
-    Path(out).write_text(json.dumps(run_tool(tool, Case(**json.loads(case_json)))))
+    fields = json.loads(case_json)
+    fields.update(comparisons=(), overrides=tuple(fields.get("overrides", ())))  # the child needs the slice, not the targets
+    Path(out).write_text(json.dumps(run_tool(tool, Case(**fields))))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ process's wall time and peak resident memory from the kernel (``os.wait4``), so 
 the scoring code measures itself. Perplexities must agree across tools (the run fails if not).
 Writes ``results/bench/bench.csv``, ``bench.md`` and ``bench.png``.
 
-    python benchmarks/run.py [--scale 2] [--only gemma3] [--out results/bench]
+    python benchmarks/run.py [--scale 2] [--only gemma3] [--repeats 2] [--out results/bench]
+
+Every tool of a case runs ``--repeats`` times, the tools in turn (A B C A B C ...), so a busy
+spell of the machine hits them alike; the table gives the median tokens/s, the spread (min..max)
+and ratios of medians. The measured bf16 GEMM peak is printed in the same run, and each row's
+achieved FLOP/s as a fraction of it (FLOPs counted from the model's shapes: benchmarks/flops.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks.cases import CASES, REPO, Case  # noqa: E402
+from benchmarks.flops import task_flops  # noqa: E402
 
 # Perplexities of two tools on the same tokens agree to float32 rounding; anything larger is a
 # real disagreement. The bound is set by the other tools, not the harness: on SmolLM2's first
@@ -60,79 +67,159 @@ def scaled(case: Case, scale: float) -> Case:
     return dataclasses.replace(case, tokens=int(case.tokens * scale), documents=max(1, round(case.documents * scale)) if case.documents else 0)
 
 
-def bench_case(case: Case, lm_python: str | None) -> list[dict]:
-    rows = []
-    for tool in case.tools:
-        python = lm_python if tool == "lm_eval" else sys.executable
-        row = {"case": case.name, "tool": tool}
-        if python is None:
-            rows.append({**row, "note": "lm_eval not installed (make bench-env)"})
-            print(f"[{case.name}] lm_eval not installed: skipped (make bench-env installs it in .venv-bench)")
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "out.json"
-            print(f"[{case.name}] {tool} ...", flush=True)
-            rc, wall, peak = run_child(python, [tool, json.dumps(dataclasses.asdict(case)), str(out)])
-            if rc != 0:  # keep going: the other tools' figures are still worth having
-                print(f"[{case.name}] {tool} failed (exit {rc})")
-                rows.append({**row, "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": f"failed (exit {rc})"})
-                continue
-            got = json.loads(out.read_text())
-        if case.protocol != "lm-eval":
-            got.pop("word_perplexity", None)  # the HF loop has no word counts; token PPL is the number
-        rows.append({**row, **got, "tokens_per_s": got["scored_tokens"] / got["score_s"], "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": ""})
-    problem = check_agreement(case, [r for r in rows if "sum_nll" in r])
-    if problem:
-        print(f"[{case.name}] {problem}")
-        for r in rows:
-            r["note"] = (r.get("note") or "") + f" DISAGREE: {problem}"
-    ref = next((r for r in rows if r["tool"] != "harness" and "tokens_per_s" in r), None)
-    for r in rows:
-        if ref and "tokens_per_s" in r:
-            r["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
-        if r["tool"] == "harness":
-            r["target"] = verdict(case, r, ref)
-    return rows
+def gemm_peak(dtype, n: int = 4096, repeat: int = 3) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` on this machine (one warm-up call)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
 
 
-def check_agreement(case: Case, rows: list[dict]) -> str | None:
-    """None when every tool scored the same tokens to the same perplexity; else what differs."""
+def run_tool(case: Case, tool: str, lm_python: str | None) -> dict:
+    """One child run of ``tool`` on ``case``: its JSON, plus wall time and peak RSS (or a note)."""
+    python = lm_python if tool.startswith("lm_eval") else sys.executable
+    if python is None:
+        return {"note": "lm_eval not installed (make bench-env)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        rc, wall, peak = run_child(python, [tool, json.dumps(dataclasses.asdict(case)), str(out)])
+        if rc != 0:  # keep going: the other tools' figures are still worth having
+            return {"wall_s": wall, "peak_rss_gb": peak / 1e9, "note": f"failed (exit {rc})"}
+        got = json.loads(out.read_text())
+    return {**got, "tokens_per_s": got["scored_tokens"] / got["score_s"], "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": ""}
+
+
+def bench_case(case: Case, lm_python: str | None, repeats: int) -> dict[str, list[dict]]:
+    """Every tool of the case, ``repeats`` times, in turn (A B C A B C ...): tool -> its runs."""
+    runs: dict[str, list[dict]] = {t: [] for t in case.tools}
+    skip: set[str] = set()
+    for rep in range(repeats):
+        for tool in case.tools:
+            if tool in skip or (rep > 0 and tool not in case.timed):
+                continue  # the float32 reference (for dPPL) and the memory case run once
+            print(f"[{case.name}] {tool} (run {rep + 1} of {repeats if tool in case.timed else 1}) ...", flush=True)
+            got = run_tool(case, tool, lm_python)
+            runs[tool].append(got)
+            if got.get("note"):
+                print(f"[{case.name}] {tool}: {got['note']}")
+                skip.add(tool)  # a tool that failed or is missing fails the same way again
+        auto = runs.get("harness:auto", [{}])[0].get("dtype")
+        if rep == 0 and auto == "bfloat16" and "harness:bfloat16" in runs:
+            skip.add("harness:bfloat16")  # the default already is bf16: the same run, not run twice
+            runs["harness:bfloat16"] = runs["harness:auto"]
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians and spread of one tool's runs; the numbers (PPL, counts) must be identical across runs."""
+    ok = [r for r in runs if not r.get("note")]
+    if not ok:
+        return {"note": runs[0]["note"] if runs else "not run"}
+    first = ok[0]
+    tps = [r["tokens_per_s"] for r in ok]
+    out = {k: first.get(k) for k in ("scored_tokens", "sum_nll", "perplexity", "word_perplexity", "dtype", "compile", "window_lengths", "shapes")}
+    out.update({
+        "runs": len(ok), "tokens_per_s": statistics.median(tps), "tps_min": min(tps), "tps_max": max(tps),
+        "score_s": statistics.median(r["score_s"] for r in ok), "load_s": statistics.median(r["load_s"] for r in ok),
+        "wall_s": statistics.median(r["wall_s"] for r in ok), "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "note": "",
+    })
+    if any(r["perplexity"] != first["perplexity"] or r["scored_tokens"] != first["scored_tokens"] for r in ok):
+        out["note"] = "runs of the same tool disagree"
+    return out
+
+
+def check_agreement(case: Case, a: dict, b: dict) -> str | None:
+    """None when two float32 tools scored the same tokens to the same perplexity; else what differs."""
+    if a.get("scored_tokens") is None or b.get("scored_tokens") is None:
+        return None
+    if a["scored_tokens"] != b["scored_tokens"]:
+        return f"scored {b['scored_tokens']} tokens against {a['scored_tokens']}"
     keys = ["perplexity"] + (["word_perplexity"] if case.protocol == "lm-eval" else [])
-    for a in rows[1:]:
-        if a["scored_tokens"] != rows[0]["scored_tokens"]:
-            return f"{a['tool']} scored {a['scored_tokens']} tokens, harness {rows[0]['scored_tokens']}"
-        for k in keys:
-            if not math.isclose(a[k], rows[0][k], rel_tol=AGREE_REL):
-                return f"{k}: harness {rows[0][k]!r}, {a['tool']} {a[k]!r}"
+    for k in keys:
+        if not math.isclose(a[k], b[k], rel_tol=AGREE_REL):
+            return f"{k}: {a[k]!r} against {b[k]!r}"
     return None
 
 
-def verdict(case: Case, harness: dict, ref: dict | None) -> str:
+def case_rows(case: Case, stats: dict[str, dict], peak_bf16: float) -> list[dict]:
+    """Table rows: the float32 reference, then each comparison's tool and baseline."""
+    ref = stats.get("harness:float32") or next(iter(stats.values()))
+    flops = None
+    if ref.get("shapes") and ref.get("window_lengths"):
+        flops = task_flops(ref["shapes"], ref["window_lengths"], ref["scored_tokens"])
+
+    def row(kind: str, tool: str, s: dict) -> dict:
+        r = {"case": case.name, "kind": kind, "tool": tool, **{k: v for k, v in s.items() if k not in ("window_lengths", "shapes")}}
+        if case.protocol != "lm-eval":
+            r.pop("word_perplexity", None)  # the HF loop has no word counts; token PPL is the number
+        if "tokens_per_s" in s:
+            r["spread"] = f"{s['tps_min']:.1f}..{s['tps_max']:.1f}"
+            if flops:
+                r["gflop_s"] = flops / s["score_s"] / 1e9
+                r["peak_fraction"] = flops / s["score_s"] / peak_bf16
+        if "perplexity" in s and "harness:float32" in stats and tool != "harness:float32":
+            r["dppl_pct"] = 100 * (s["perplexity"] / stats["harness:float32"]["perplexity"] - 1)
+        return r
+
+    rows = []
+    if "harness:float32" in stats:
+        rows.append(row("float32 reference", "harness:float32", stats["harness:float32"]))
+    for c in case.comparisons:
+        mine = row(c.kind, c.tool, stats[c.tool])
+        other = row(c.kind, c.baseline, stats[c.baseline]) if c.baseline else None
+        if other and other.get("dtype") == "float32" and "harness:float32" in stats:
+            problem = check_agreement(case, stats["harness:float32"], stats[c.baseline])
+            if problem:
+                other["note"] = (other.get("note") or "") + f" DISAGREE with harness:float32: {problem}"
+        if other and "tokens_per_s" in mine and "tokens_per_s" in other:
+            mine["speedup"] = mine["tokens_per_s"] / other["tokens_per_s"]
+        mine["target"] = verdict(case, c, mine)
+        rows += [mine] + ([other] if other else [])
+    return rows
+
+
+def verdict(case: Case, c, r: dict) -> str:
     parts = []
-    if case.speedup_target and ref:
-        ok = harness["speedup"] >= case.speedup_target
-        parts.append(f"{'met' if ok else 'MISSED'} >= {case.speedup_target}x")
-    if case.memory_limit_gb:
-        ok = harness["peak_rss_gb"] <= case.memory_limit_gb
-        parts.append(f"{'met' if ok else 'MISSED'} <= {case.memory_limit_gb} GB")
+    if c.speedup_target and "speedup" in r:
+        parts.append(f"{'met' if r['speedup'] >= c.speedup_target else 'MISSED'} >= {c.speedup_target}x")
+    if c.peak_fraction_target and "peak_fraction" in r:
+        parts.append(f"{'met' if r['peak_fraction'] >= c.peak_fraction_target else 'MISSED'} >= {c.peak_fraction_target:.0%} of peak")
+    if case.memory_limit_gb and "peak_rss_gb" in r:
+        parts.append(f"{'met' if r['peak_rss_gb'] <= case.memory_limit_gb else 'MISSED'} <= {case.memory_limit_gb} GB")
+    if "dppl_pct" in r:
+        parts.append(f"{'met' if abs(r['dppl_pct']) <= 0.1 else 'MISSED'} dPPL within 0.1%")
     return ", ".join(parts)
 
 
-COLUMNS = ["case", "tool", "scored_tokens", "tokens_per_s", "speedup", "wall_s", "load_s", "score_s", "peak_rss_gb", "perplexity", "word_perplexity", "target", "note"]
+COLUMNS = ["case", "kind", "tool", "dtype", "runs", "scored_tokens", "tokens_per_s", "spread", "speedup", "gflop_s", "peak_fraction",
+           "score_s", "load_s", "wall_s", "peak_rss_gb", "perplexity", "word_perplexity", "dppl_pct", "target", "note"]
+HEADERS = {"tokens_per_s": "tok/s (median)", "spread": "tok/s min..max", "speedup": "ratio of medians", "gflop_s": "GFLOP/s",
+           "peak_fraction": "of bf16 peak", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
 
 
-def write_outputs(rows: list[dict], out: Path) -> str:
+def write_outputs(rows: list[dict], out: Path, header: str) -> str:
     import pandas as pd
 
     frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "bench.csv", index=False)
     fmt = frame.copy()
-    for col, spec in {"tokens_per_s": "{:.1f}", "speedup": "{:.2f}x", "wall_s": "{:.1f}", "load_s": "{:.1f}", "score_s": "{:.1f}",
-                      "peak_rss_gb": "{:.2f}", "perplexity": "{:.4f}", "word_perplexity": "{:.4f}"}.items():
+    for col, spec in {"tokens_per_s": "{:.1f}", "speedup": "{:.2f}x", "gflop_s": "{:.0f}", "peak_fraction": "{:.0%}", "wall_s": "{:.1f}",
+                      "load_s": "{:.1f}", "score_s": "{:.1f}", "peak_rss_gb": "{:.2f}", "perplexity": "{:.4f}",
+                      "word_perplexity": "{:.4f}", "dppl_pct": "{:+.3f}%"}.items():
         fmt[col] = [spec.format(v) if isinstance(v, float) and not math.isnan(v) else "" for v in fmt[col]]
-    fmt["scored_tokens"] = [str(int(v)) if v == v else "" for v in frame["scored_tokens"]]
-    table = fmt.fillna("").to_markdown(index=False)
+    for col in ("scored_tokens", "runs"):
+        fmt[col] = [str(int(v)) if v == v and v is not None else "" for v in frame[col]]
+    fmt = fmt.drop(columns=["score_s", "wall_s"])  # in bench.csv; the table keeps to what is compared
+    fmt = fmt.astype(object).where(fmt.notna(), "").rename(columns=HEADERS)
+    table = header + "\n\n" + fmt.to_markdown(index=False)
     (out / "bench.md").write_text(table + "\n")
     plot(frame, out / "bench.png")
     return table
@@ -144,15 +231,16 @@ def plot(frame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = frame.dropna(subset=["tokens_per_s"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, col, label in [(axes[0], "tokens_per_s", "scored tokens / s"), (axes[1], "peak_rss_gb", "peak RSS (GB)")]:
+    done = frame.dropna(subset=["tokens_per_s"]).drop_duplicates(subset=["case", "tool"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, col, label in [(axes[0], "tokens_per_s", "scored tokens / s (median)"), (axes[1], "peak_rss_gb", "peak RSS (GB)")]:
         wide = done.pivot(index="case", columns="tool", values=col).reindex(index=list(dict.fromkeys(done["case"])))
         wide.plot.bar(ax=ax, rot=15)
         ax.set_ylabel(label)
         ax.set_xlabel("")
     axes[1].axhline(3.5, color="red", linestyle="--", linewidth=1, label="3.5 GB target")
-    axes[1].legend()
+    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("ppl-harness vs HF guide loop and lm-evaluation-harness (CPU, same tokens)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -160,23 +248,40 @@ def plot(frame, path: Path) -> None:
 
 
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0, help="Multiply every case's token / document slice.")
     ap.add_argument("--only", default=None, help="Run only cases whose name contains this text.")
+    ap.add_argument("--repeats", type=int, default=2, help="Runs of every tool, taken in turn (A B A B ...); medians are reported.")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Harness config override for every harness run, e.g. --set eval.compile=true (repeatable).")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = ap.parse_args()
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cases = [scaled(c, args.scale) for c in CASES if not args.only or args.only in c.name]
+    cases = [dataclasses.replace(scaled(c, args.scale), overrides=tuple(args.set)) for c in CASES
+             if (args.only and args.only in c.name) or (not args.only and c.in_default)]
     lm_python = lm_eval_python()
     for key in dict.fromkeys(c.model for c in cases):  # dequantize each GGUF model once
         rc, wall, _ = run_child(sys.executable, ["prepare", key])
         if rc != 0:
             raise SystemExit(f"preparing {key} failed (exit {rc})")
-    rows = [r for c in cases for r in bench_case(c, lm_python)]
-    table = write_outputs(rows, args.out)
+    peaks = [gemm_peak(torch.bfloat16), gemm_peak(torch.float32)]
+    rows = []
+    for case in cases:
+        stats = {tool: summarize(runs) for tool, runs in bench_case(case, lm_python, args.repeats).items()}
+        rows += case_rows(case, stats, peaks[0])
+    peaks.append(gemm_peak(torch.bfloat16))  # again at the end: was the machine as quiet throughout?
+    header = (f"Measured GEMM peak (4096^3 matmul, best of 3): bf16 {peaks[0] / 1e9:.0f} GFLOP/s at the start, "
+              f"{peaks[2] / 1e9:.0f} at the end; float32 {peaks[1] / 1e9:.0f} GFLOP/s. "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
+              f"{args.repeats} runs per tool, in turn." + (f" Harness overrides: {' '.join(args.set)}." if args.set else ""))
+    table = write_outputs(rows, args.out, header)
     print(table)
     print(f"written: {args.out / 'bench.csv'}, bench.md, bench.png")
-    if any(("DISAGREE" in (r.get("note") or "")) or ("failed" in (r.get("note") or "")) for r in rows):
+    if any(("DISAGREE" in (r.get("note") or "")) or ("failed" in (r.get("note") or "")) or ("disagree" in (r.get("note") or "")) for r in rows):
         raise SystemExit("a tool failed or perplexities disagree (see the note column)")
 
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files
+from . import attention, files
 from .config import ModelConfig
 from .errors import HarnessError
 
@@ -194,6 +194,8 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     if not cfg.device_map:
         model.to(device or pick_device(cfg.device))
     model.eval()
+    if not cfg.attn_implementation:  # Gemma-3's sliding layers: only the key blocks a query block sees
+        attention.install(model)
     if cfg.quantize:
         quantize(model, cfg.quantize)
     return model

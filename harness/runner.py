@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from . import protocols, record
+from . import compiled, protocols, record
 from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
@@ -74,6 +74,7 @@ def run(
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve(cfg, adds_bos(tokenizer), max_positions(model))
+    compiled.enable(model, cfg.eval.compile, settings.max_length)
     windows = protocols.plan(settings, [len(s) for s in streams])
     chash = record.config_hash(cfg, settings)
 

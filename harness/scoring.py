@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import compiled
 from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
 from .resume import Finished
@@ -108,6 +109,10 @@ def to_device(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
 def scored_hidden(model, batch: Batch) -> torch.Tensor:
     """Final hidden states at the scored positions only: [M, H]."""
     dev = input_device(model)
+    compiled_body = compiled.body(model)  # eval.compile: torch.compile'd, bucket-padded
+    if compiled_body is not None:
+        hidden = compiled_body(to_device(batch.input_ids, dev), to_device(batch.attention_mask, dev))
+        return hidden[to_device(batch.rows, hidden.device), to_device(batch.cols, hidden.device)]
     out = model.base_model(
         input_ids=to_device(batch.input_ids, dev),
         attention_mask=to_device(batch.attention_mask, dev),

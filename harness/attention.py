@@ -1,0 +1,90 @@
+"""Sliding-window attention that computes only the key blocks each query block can see.
+
+Gemma-3 interleaves global layers with sliding-window layers (Gemma-3-270M: window 512, five in
+six layers sliding). Transformers runs a sliding layer as SDPA over the whole ``T x T`` score
+matrix with a boolean mask that hides everything outside the window, so at ``T = 1024`` three
+quarters of the work it does for a window of 512 are thrown away. Here each query block
+``[q0, q1)`` attends only to keys ``[max(0, q0 - window + 1), q1)``, with the same mask (causal,
+window and padding) cut out of transformers' own mask for that block; positions outside it are
+masked in the full computation anyway, so each block's softmax is over the same keys and the
+result is the same number (held to 1e-6 in float32 by the tests).
+
+The function is registered with transformers' ``AttentionInterface`` as ``sliding_blocks``,
+with transformers' SDPA mask builder; global layers and windows no longer than the sliding
+window go to transformers' own SDPA function unchanged. ``install(model)`` switches a loaded
+Gemma-3 model to it (``harness.models.load_model`` does so unless ``model.attn_implementation``
+is set).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "sliding_blocks"
+FAMILIES = {"gemma3", "gemma3_text"}
+# Query positions per block, as a fraction of the window: keys per block are block + window - 1,
+# so smaller blocks do less arithmetic but make more, smaller SDPA calls;
+# benchmarks/attention_blocks.py measures the choice.
+BLOCK_DIVISOR = 4  # blocks of 128 for Gemma-3-270M: 1.8x faster than the full mask, one thread (benchmarks/README.md)
+
+
+def block_size(window: int) -> int:
+    return max(1, window // BLOCK_DIVISOR)
+
+
+def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs):
+    """Transformers attention function: block-sparse for sliding layers, SDPA otherwise.
+
+    ``query`` [B, heads, T, D], ``key``/``value`` [B, kv_heads, S, D]; returns ([B, T, heads, D], None).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not window or q_len != kv_len or q_len <= window:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    step = block_size(window)
+    outs = []
+    for q0 in range(0, q_len, step):
+        q1 = min(q0 + step, q_len)
+        k0 = max(0, q0 - window + 1)
+        if attention_mask is not None:
+            mask = attention_mask[..., q0:q1, k0:q1].contiguous()  # a strided mask slowed SDPA down
+        else:
+            mask = block_mask(q0, q1, k0, window, query.device)
+        out, _ = sdpa_attention_forward(
+            module, query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], mask, **{**kwargs, "is_causal": False}
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
+
+
+def block_mask(q0: int, q1: int, k0: int, window: int, device) -> torch.Tensor:
+    """[1, 1, q1 - q0, q1 - k0] boolean: key j visible from query i iff i - window < j <= i."""
+    q = torch.arange(q0, q1, device=device)[:, None]
+    k = torch.arange(k0, q1, device=device)[None, :]
+    return ((k <= q) & (k > q - window))[None, None]
+
+
+def register() -> str:
+    """Register the attention function and its mask builder (SDPA's) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, sliding_blocks_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def applies(model) -> bool:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(cfg, "model_type", None) in FAMILIES and bool(getattr(text, "sliding_window", None))
+
+
+def install(model) -> bool:
+    """Run a Gemma-3 model's sliding layers block by block; True if the model is one (else untouched)."""
+    if not applies(model):
+        return False
+    model.set_attn_implementation(register())
+    return True

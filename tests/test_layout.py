@@ -117,3 +117,18 @@ def test_only_the_distributed_module_knows_about_processes():
     # the check finds what it looks for
     assert any("imports accelerate" in h for h in _process_knowledge(HARNESS / "distributed.py"))
     assert any("names WORLD_SIZE" in h for h in _process_knowledge(HARNESS / "distributed.py"))
+
+
+def test_process_questions_are_answered_from_the_launchers_variables(monkeypatch):
+    from harness.distributed import SingleProcess, is_main_process, world_size
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert (world_size(), is_main_process()) == (1, True)  # launched plainly
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert (world_size(), is_main_process()) == (4, False)
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    one = SingleProcess()
+    assert (one.rank, one.world, one.is_main, one.gather([3, 1]), one.broadcast("x")) == (0, 1, True, [3, 1], "x")

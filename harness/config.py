@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .windows import BosPolicy
 
-# the one list of protocol names; protocols.PRESETS holds a preset for each (tests/test_protocols.py checks)
+# the one list of protocol names; protocols.PRESETS holds a preset for each (tests/test_layout.py checks)
 Protocol = Literal["sliding", "gptq", "llamacpp", "lm-eval", "paloma"]
 PROTOCOLS = get_args(Protocol)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]

@@ -181,7 +181,7 @@ def reproduce(
     ``output_dir/<entry name>/``.
     """
     entries = select(load_entries(registry), names)
-    pool = pool or ModelPool()
+    pool = pool if pool is not None else ModelPool()
     rows: list[Row] = []
     runnable = []
     for name, e in entries.items():

@@ -138,12 +138,13 @@ def test_entries_differing_only_in_quantize_get_their_own_models(tmp_path, tiny,
     _entry(registry, "b-plain", plain)
     pool = ModelPool(keep=2)
     rows = {r.name: r for r in R.reproduce(registry=registry, pool=pool)}
+    assert len(pool) == 2  # reproduce loaded both models into the pool it was given
     assert rows["a-int8"].status == rows["b-plain"].status == "ok"
     reference = run(validate(plain), model=model, tokenizer=tok, write=False, progress=False).record["perplexity"]
     assert math.isclose(rows["b-plain"].got, reference, rel_tol=1e-9)
     assert not math.isclose(rows["a-int8"].got, reference, rel_tol=1e-6)
     m_plain, m_q = pool.get(validate(plain).model)[0], pool.get(validate(quantized).model)[0]
-    assert m_plain is not m_q and len(pool) == 2  # the pool held both: nothing was loaded again
+    assert m_plain is not m_q and len(pool) == 2  # the models the entries ran: nothing was loaded again
     w_file = dict(model.named_parameters())
     assert all(torch.equal(p, w_file[n]) for n, p in m_plain.named_parameters())
     assert not all(torch.equal(p, w_file[n]) for n, p in m_q.named_parameters())

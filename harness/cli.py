@@ -78,7 +78,9 @@ def run_cmd(
         with _sigterm_as_interrupt() as received:
             result = run(cfg, output_dir, progress=progress)
     except KeyboardInterrupt as err:  # typer would exit 130 without a word
-        if os.environ.get("RANK", "0") == "0":  # the runner's message says what was kept and how to resume
+        from .distributed import is_main_process
+
+        if is_main_process():  # the runner's message says what was kept and how to resume
             message = str(err) or "interrupted: nothing was written; run the same command again to start over"
             typer.echo(f"{message}: {_this_command()}", err=True)
         # 128 + the signal's number, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C
@@ -152,8 +154,8 @@ def models_cmd(configs: List[Path] = typer.Argument(None, help="Configs whose mo
 
 @app.command("reproduce")
 def reproduce_cmd(
-    names: Optional[List[str]] = typer.Argument(None, help="Entries to run (file stems under configs/reproduce/); default all."),
-    registry: Optional[Path] = typer.Option(None, "--registry", help="Folder of entries (default configs/reproduce/)."),
+    names: Optional[List[str]] = typer.Argument(None, help="Entries to run (file stems under harness/registry/); default all."),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="Folder of entries (default: the registry shipped in the package, harness/registry/)."),
     list_only: bool = typer.Option(False, "--list", help="List the entries and whether they can run here; run nothing."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Also write each run's record to DIR/<entry>/."),
     progress: bool = typer.Option(False, help="Show a progress bar per run."),
@@ -161,7 +163,8 @@ def reproduce_cmd(
     """Re-run published perplexity figures; print expected, got, difference and status.
 
     Entries whose model cannot be loaded here (e.g. a hub model not cached while offline) are
-    skipped with the reason. Exits 1 when an entry that ran is out of tolerance or failed.
+    skipped with the reason; an entry whose run fails is marked error and the others still run.
+    Exits 1 when an entry that ran is out of tolerance or failed.
     """
     from . import reproduce as R
 

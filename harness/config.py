@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,8 +22,9 @@ from .errors import ConfigError
 from .files import existing_file, reading
 from .windows import BosPolicy
 
-PROTOCOLS = ("sliding", "gptq", "llamacpp", "lm-eval", "paloma")
+# the one list of protocol names; protocols.PRESETS holds a preset for each (tests/test_layout.py checks)
 Protocol = Literal["sliding", "gptq", "llamacpp", "lm-eval", "paloma"]
+PROTOCOLS = get_args(Protocol)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 

@@ -1,4 +1,5 @@
-"""Distribution over processes: the only module that imports ``accelerate``.
+"""Distribution over processes: the only module that imports ``accelerate`` or reads the
+launcher's variables (``RANK``, ``WORLD_SIZE``); the rest asks here.
 
 Launched plainly, there is one process and everything here is the identity. Under ``torchrun``
 or ``accelerate launch``, windows are sharded by *global* rank (so several nodes work too), each
@@ -177,5 +178,32 @@ def find_batch_size(probe: Callable[[int], Any], start: int) -> int:
     return attempt()
 
 
-def launched_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+class SingleProcess:
+    """The distributor of code called outside a run (one process): everything is the identity,
+    and nothing starts a process group or imports accelerate."""
+
+    rank, world, is_main = 0, 1, True
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        return list(items)
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+
+# What a launcher (torchrun, accelerate launch) tells each process, read before any process group
+# exists: for decisions taken ahead of a Distributor (a sweep lets each run place its own model;
+# only the main process reports an interrupt).
+
+
+def world_size() -> int:
+    """How many processes the launcher started (1 when launched plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Is this the global rank 0 (always, when launched plainly)?"""
+    return int(os.environ.get("RANK", "0")) == 0

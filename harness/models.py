@@ -285,3 +285,49 @@ def adds_bos(tokenizer) -> bool:
         return False
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     return len(ids) > 0 and ids[0] == bos and ids != tokenizer("a", add_special_tokens=False)["input_ids"]
+
+
+def model_key(cfg: ModelConfig) -> str:
+    """The one rule for "the same model": equal keys, the same loaded model. Every field counts
+    (the weights' source, dtype, quantization, placement): each can change what a load gives."""
+    import json
+
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+class ModelPool:
+    """Loaded ``(model, tokenizer)`` pairs by ``model_key`` and device, each loaded once.
+
+    The pool holds at most ``keep`` models it loaded itself: loading another first drops the
+    least recently used, so a table of runs ordered by model holds one model at a time.
+    ``put`` adds a model loaded elsewhere (tests pass the session's model); those stay.
+    """
+
+    def __init__(self, keep: int = 1):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.keep = keep
+        self._loaded: dict[tuple, tuple] = {}  # least recently used first
+        self._given: dict[tuple, tuple] = {}
+
+    def get(self, cfg: ModelConfig, device: str | None = None) -> tuple:
+        """The model and tokenizer of ``cfg`` on ``device`` (None: ``cfg.device``), loaded if new."""
+        key = (model_key(cfg), device)
+        if key in self._given:
+            return self._given[key]
+        if key not in self._loaded:
+            while len(self._loaded) >= self.keep:
+                self._loaded.pop(next(iter(self._loaded)))  # free memory before the next load
+            self._loaded[key] = (load_model(cfg, device), load_tokenizer(cfg))
+        self._loaded[key] = self._loaded.pop(key)  # now the most recently used
+        return self._loaded[key]
+
+    def put(self, cfg: ModelConfig, model, tokenizer, device: str | None = None) -> None:
+        self._given[(model_key(cfg), device)] = (model, tokenizer)
+
+    def drop(self, cfg: ModelConfig, device: str | None = None) -> None:
+        """Forget the pool's own load of ``cfg`` (no longer needed)."""
+        self._loaded.pop((model_key(cfg), device), None)
+
+    def __len__(self) -> int:
+        return len(self._loaded) + len(self._given)

@@ -57,6 +57,10 @@ from .errors import HarnessError
 from .windows import BosPolicy, Window
 
 
+# (n_tokens, max_length L, stride S, BOS policy, document index) -> that document's windows
+Planner = Callable[[int, int, int, BosPolicy, int], list[Window]]
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -68,6 +72,7 @@ class Preset:
     max_length: Callable[[int | None], int]  # from the model's maximum positions
     stride: Callable[[int], int]  # from the window length
     counts_on: str  # "scored" text, or the "original" document (lm-eval)
+    planner: Planner  # one document's windows, from windows.py
     uses_prefix: bool = False  # first window of a document is preceded by BOS (or EOS)
 
 
@@ -79,18 +84,21 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("sliding", "HF guide: strided sliding window over one stream, each token scored once",
-               "concat", "\n\n", "none", lambda adds: BosPolicy.STREAM, _cap(1024), lambda L: L // 2, "scored"),
+               "concat", "\n\n", "none", lambda adds: BosPolicy.STREAM, _cap(1024), lambda L: L // 2, "scored",
+               planner=W.plan_sliding),
         Preset("gptq", "GPTQ/AWQ papers: disjoint windows of L over one stream, tail dropped, first token unscored",
-               "concat", "\n\n", "none", lambda adds: BosPolicy.STREAM, _cap(2048), lambda L: L, "scored"),
+               "concat", "\n\n", "none", lambda adds: BosPolicy.STREAM, _cap(2048), lambda L: L, "scored",
+               planner=lambda n, L, S, bos, doc: W.plan_disjoint(n, L, bos, doc)),
         Preset("llamacpp", "llama-perplexity: chunks of C, BOS replaces each chunk's first token, second half scored",
                "concat", "\n\n", "none", lambda adds: BosPolicy.REPLACE if adds else BosPolicy.NONE,
-               lambda model_max: 512, lambda L: L, "scored"),
+               lambda model_max: 512, lambda L: L, "scored",
+               planner=lambda n, L, S, bos, doc: W.plan_llamacpp(n, L, bos == BosPolicy.REPLACE, doc)),
         Preset("lm-eval", "lm-evaluation-harness wikitext: per-document rolling windows, detokenized, prefix token",
                "documents", "\n\n", "wikitext", lambda adds: BosPolicy.NONE, lambda m: m or 2048, lambda L: L,
-               "original", uses_prefix=True),
+               "original", planner=lambda n, L, S, bos, doc: W.plan_rolling(n, L, doc), uses_prefix=True),
         Preset("paloma", "Paloma: each document on its own behind BOS, rolling windows of 2048, per-domain PPL",
                "documents", "\n\n", "none", lambda adds: BosPolicy.NONE, _cap(2048), lambda L: L,
-               "scored", uses_prefix=True),
+               "scored", planner=lambda n, L, S, bos, doc: W.plan_paloma(n, L, doc), uses_prefix=True),
     ]
 }
 
@@ -152,25 +160,13 @@ def plan(settings: Settings, lengths: list[int]) -> list[Window]:
     out: list[Window] = []
     bos = BosPolicy(settings.bos)
     L, S = settings.max_length, settings.stride
+    planner = PRESETS[settings.protocol].planner
     for doc, n in enumerate(lengths):
         try:
-            if settings.protocol == "sliding":
-                ws = W.plan_sliding(n, L, S, bos, doc)
-            elif settings.protocol == "gptq":
-                ws = W.plan_disjoint(n, L, bos, doc)
-            elif settings.protocol == "llamacpp":
-                ws = W.plan_llamacpp(n, L, bos == BosPolicy.REPLACE, doc)
-            elif settings.protocol == "lm-eval":
-                ws = W.plan_rolling(n, L, doc)
-            elif settings.protocol == "paloma":
-                ws = W.plan_paloma(n, L, doc)
-            else:  # the config schema only admits the names above
-                raise AssertionError(settings.protocol)
+            ws = planner(n, L, S, bos, doc)
+        except W.TooFewTokens as err:
+            raise HarnessError(f"corpus: {err} (eval.max_length is ctx); use more text or a smaller eval.max_length") from None
         except ValueError as err:
-            if settings.protocol == "llamacpp" and "2×ctx" in str(err):
-                raise HarnessError(
-                    f"corpus: {err} (eval.max_length is ctx); use more text or a smaller eval.max_length"
-                ) from None
             raise HarnessError(f"eval: {err}") from None
         out.extend(W.renumber(ws, len(out)))
     if not out:

@@ -1,6 +1,7 @@
 """``ppl reproduce``: re-run published perplexity figures and compare.
 
-The registry is a folder of YAML files (``configs/reproduce/``), one published figure each::
+The registry is a folder of YAML files shipped in the package (``harness/registry/``, found
+through ``importlib.resources``, so an installed wheel has it too), one published figure each::
 
     description: gpt2-large, HF guide, L = 1024, S = 512
     source: Hugging Face transformers, docs/source/en/perplexity.md
@@ -16,7 +17,8 @@ The registry is a folder of YAML files (``configs/reproduce/``), one published f
 ``reproduce(names)`` runs every entry whose model (and corpus) can be loaded here and returns
 one row per entry; entries that cannot run (a hub model not in the local cache while offline, a
 package not installed) are skipped with the reason. Each model is loaded once for all of its
-entries. The CLI prints ``format_table(rows)`` and fails when an entry is out of tolerance.
+entries. An entry whose run fails is marked ``error`` and the others still run. The CLI prints
+``format_table(rows)`` and fails when an entry is out of tolerance or failed.
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import ModelConfig, RunConfig, _format_errors
 from .errors import ConfigError, HarnessError
+from .models import ModelPool, model_key
 
-REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "reproduce"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+REGISTRY = "registry"  # the entries ship inside the package (package data): harness/registry/*.yaml
 
 Metric = Literal[
     "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "rescaled_perplexity", "macro_perplexity",
@@ -59,20 +66,22 @@ class Entry(BaseModel):
     run: RunConfig
 
 
-def registry_dir(path: str | Path | None = None) -> Path:
-    return Path(path) if path else Path(os.environ.get("PPL_REPRODUCE_DIR", REGISTRY))
+def registry_dir(path: str | Path | None = None) -> Traversable:
+    """The folder of entries: ``path``, else ``$PPL_REPRODUCE_DIR``, else the package's own."""
+    path = path or os.environ.get("PPL_REPRODUCE_DIR")
+    return Path(path) if path else resources.files(__package__) / REGISTRY
 
 
 def load_entries(path: str | Path | None = None) -> dict[str, Entry]:
     """Every entry of the registry, by file stem, validated (all problems of a file in one error)."""
     folder = registry_dir(path)
-    files = sorted(folder.glob("*.yaml"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name) if folder.is_dir() else []
     if not files:
         raise HarnessError(f"reproduce: no entries (*.yaml) in {folder}; pass --registry with the folder of entries")
     out = {}
     for f in files:
         try:
-            out[f.stem] = Entry.model_validate(yaml.safe_load(f.read_text(encoding="utf-8")))
+            out[f.name.removesuffix(".yaml")] = Entry.model_validate(yaml.safe_load(f.read_text(encoding="utf-8")))
         except ValidationError as err:
             raise ConfigError(_format_errors(err), str(f)) from None
         except yaml.YAMLError:
@@ -133,11 +142,6 @@ def unavailable(entry: Entry) -> str | None:
     return None
 
 
-def model_key(m: ModelConfig) -> tuple:
-    """Entries whose models are loaded the same way share one loaded model."""
-    return (m.name_or_path, m.gguf_file, m.tokenizer, m.revision, m.dtype, m.device, m.device_map, m.attn_implementation)
-
-
 def metric_value(record: dict, metric: str) -> float | None:
     if metric == "macro_perplexity":
         return (record.get("domains") or {}).get("macro_perplexity")
@@ -164,22 +168,20 @@ class Row:
 def reproduce(
     names: list[str] | None = None,
     registry: str | Path | None = None,
-    loaded: dict | None = None,
+    pool: ModelPool | None = None,
     progress: bool = False,
     output_dir: str | Path | None = None,
 ) -> list[Row]:
     """Run the selected entries (all by default) that can run here; one ``Row`` per entry.
 
-    ``loaded`` maps ``model_key(model config)`` to an already loaded ``(model, tokenizer)``
-    (tests pass the session's model); other models are loaded here, one at a time. With ``output_dir``
-    each run's record is written to ``output_dir/<entry name>/``.
+    Models come from ``pool`` (tests ``put`` the session's model there): each distinct model
+    config (``models.model_key``) is loaded once, its entries run back to back, one model in
+    memory at a time. An entry whose run fails, for whatever reason, is marked ``error`` with
+    the reason and the others still run. With ``output_dir`` each run's record is written to
+    ``output_dir/<entry name>/``.
     """
-    from .models import load_model, load_tokenizer
-    from .runner import run
-
     entries = select(load_entries(registry), names)
-    given = loaded or {}
-    current_key, current = None, None  # the one model loaded here, kept while its entries run
+    pool = pool if pool is not None else ModelPool()
     rows: list[Row] = []
     runnable = []
     for name, e in entries.items():
@@ -188,26 +190,20 @@ def reproduce(
         rows.append(row)
         if row.reason is None:
             runnable.append((row, e))
-    # one model load per distinct model, its entries run back to back
-    runnable.sort(key=lambda re_: str(model_key(re_[1].run.model)))
+    runnable.sort(key=lambda re_: model_key(re_[1].run.model))  # one load per distinct model
     for row, e in runnable:
-        key = model_key(e.run.model)
         t0 = time.perf_counter()
         try:
-            if key in given:
-                model, tok = given[key]
-            else:
-                if key != current_key:
-                    current = None  # free the previous model before loading the next
-                    current, current_key = (load_model(e.run.model), load_tokenizer(e.run.model)), key
-                model, tok = current
-            out = Path(output_dir) / row.name if output_dir else None
-            result = run(e.run, out, model=model, tokenizer=tok, progress=progress, write=out is not None)
+            got = _run_entry(row.name, e, pool, progress, output_dir)
         except HarnessError as err:
             row.status, row.reason = "error", str(err)
             continue
+        except Exception as err:  # noqa: BLE001  (one broken entry must not end the table)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            row.status, row.reason = "error", f"{type(err).__name__}: {first}" if first else type(err).__name__
+            continue
         row.seconds = time.perf_counter() - t0
-        row.got = metric_value(result.record, e.metric)
+        row.got = got
         if row.got is None or not math.isfinite(row.got):
             row.status, row.reason = "error", f"the run's record has no finite {e.metric}"
         else:
@@ -217,6 +213,16 @@ def reproduce(
                 f"|difference| > tolerance {row.tolerance:g}" if e.must_match else "not expected to match: see the entry's notes"
             )
     return rows
+
+
+def _run_entry(name: str, e: Entry, pool: ModelPool, progress: bool, output_dir: str | Path | None) -> float | None:
+    """The entry's metric, from one run (the model is the pool's: no reference outlives the call)."""
+    from .runner import run
+
+    model, tok = pool.get(e.run.model)
+    out = Path(output_dir) / name if output_dir else None
+    result = run(e.run, out, model=model, tokenizer=tok, progress=progress, write=out is not None)
+    return metric_value(result.record, e.metric)
 
 
 def format_table(rows: list[Row]) -> str:

@@ -13,7 +13,6 @@ position in the window, one line per point).
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -87,27 +86,25 @@ def plan(config: str | Path, overrides: list[str], output_dir: str | Path | None
 
 def run_sweep(sweep: Sweep, *, progress: bool = True, model=None, tokenizer=None) -> Sweep:
     """Run every point (reusing loaded models), then write sweep.csv and the plots."""
-    from .distributed import launched_distributed
-    from .models import load_model, load_tokenizer
+    from .distributed import world_size
+    from .models import ModelPool
     from .plots import plot_positions, plot_sweep
     from .runner import run
 
     if sweep.dir.exists() and any(sweep.dir.iterdir()):
         raise HarnessError(f"sweep folder {sweep.dir} is not empty; choose another --output-dir")
-    cache: dict[str, tuple] = {}
+    pool = ModelPool()  # one model in memory at a time
+
+    def models(point: SweepPoint) -> dict:
+        if model is not None:
+            return {"model": model, "tokenizer": tokenizer}
+        if world_size() > 1:  # each process places its own model: let run() load it
+            return {}
+        return dict(zip(("model", "tokenizer"), pool.get(point.config.model)))
+
     positions = {}
     for point in sweep.points:
-        key = json.dumps(point.config.model.model_dump(mode="json"), sort_keys=True)
-        if model is not None:
-            loaded = (model, tokenizer)
-        elif launched_distributed():  # each process places its own model: let run() load it
-            loaded = (None, None)
-        else:
-            if key not in cache:
-                cache.clear()  # one model in memory at a time
-                cache[key] = (load_model(point.config.model), load_tokenizer(point.config.model))
-            loaded = cache[key]
-        result = run(point.config, point.run_dir, model=loaded[0], tokenizer=loaded[1], progress=progress)
+        result = run(point.config, point.run_dir, **models(point), progress=progress)
         point.record = result.record
         if result.positions is not None:
             positions[_label(point.values)] = result.positions

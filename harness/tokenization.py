@@ -32,17 +32,11 @@ import numpy as np
 from . import corpus as corpus_module, streaming, tokens as tokens_module
 from .config import CorpusConfig
 from .corpus import concatenate, find_in_mirror, load_documents, _offline
+from .distributed import SingleProcess
 from .errors import HarnessError
 from .tokens import TokenStream, tokenize
 
 FORMAT = 1
-
-
-class _OneProcess:
-    rank, world, is_main = 0, 1, True
-
-    def gather(self, items: list) -> list:
-        return list(items)
 
 
 @dataclass
@@ -165,7 +159,7 @@ def tokenized_corpus(cfg: CorpusConfig, tokenizer, settings, dist=None) -> Token
     """The corpus as token streams: from the cache when it holds them, else read and tokenized.
 
     ``dist`` (a ``Distributor``) shares the tokenizing of a streamed corpus by documents."""
-    dist = dist or _OneProcess()
+    dist = dist or SingleProcess()
     is_main = dist.is_main
 
     def say(msg: str) -> None:

@@ -61,6 +61,11 @@ class Window:
         return self.score_begin - self.begin - 1 + int(self.prefix)
 
 
+class TooFewTokens(ValueError):
+    """The stream is too short for the protocol at all (llama.cpp refuses fewer than 2 chunks):
+    a problem with the corpus, where other ``ValueError``s here are problems with the settings."""
+
+
 def renumber(windows: list[Window], start: int = 0) -> list[Window]:
     """Give windows consecutive plan indices (planners number each document from zero)."""
     from dataclasses import replace
@@ -186,7 +191,7 @@ def plan_llamacpp(
     """``llama-perplexity`` from llama.cpp, the ``llamacpp`` protocol (PROTOCOLS.md section 3).
 
     ``n = N // C`` disjoint chunks ``t[kC : (k+1)C]``; the tail is dropped, and fewer than ``2C``
-    tokens is an error (``ValueError``, as llama.cpp refuses to run). Only the second half of a
+    tokens is an error (``TooFewTokens``, as llama.cpp refuses to run). Only the second half of a
     chunk is scored: with ``first = C // 2`` the logits at chunk positions ``first .. C-2`` score
     ``t[kC+first+1 : (k+1)C]``, i.e. ``C - first - 1`` tokens per chunk (255 at ``C = 512``), so
     every scored token has at least ``first`` tokens of context. If ``replace_bos`` (the model's
@@ -202,7 +207,7 @@ def plan_llamacpp(
             f"ctx must be at least 3 (a chunk of C tokens scores C - C//2 - 1 of them), got {ctx}"
         )
     if n_tokens < 2 * ctx:
-        raise ValueError(
+        raise TooFewTokens(
             f"llamacpp protocol needs at least 2×ctx = {2 * ctx} tokens, "
             f"the corpus has {n_tokens}"
         )

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +18,7 @@ from harness import reproduce as R
 from harness.cli import app
 from harness.config import load_config
 from harness.errors import HarnessError
+from harness.models import ModelPool
 
 from .reference import gptq_reference
 
@@ -61,7 +69,9 @@ def test_reproduce_runs_a_local_entry(smollm2):
     here against the plain GPTQ loop), the difference and the status."""
     model, tok = smollm2
     entry = R.load_entries()[QUICK]
-    rows = R.reproduce([QUICK, "awq-llama-2-7b"], loaded={R.model_key(entry.run.model): smollm2})
+    pool = ModelPool()
+    pool.put(entry.run.model, model, tok)
+    rows = R.reproduce([QUICK, "awq-llama-2-7b"], pool=pool)
     row = {r.name: r for r in rows}[QUICK]
     import pyarrow.parquet as pq
 
@@ -109,8 +119,10 @@ def _entries_of(model: dict) -> dict[str, R.Entry]:
 
 def _check_entries(entries: dict[str, R.Entry], loaded) -> None:
     """Each entry runs on the session's model and lands within its own tolerance (never loosened)."""
-    given = {R.model_key(e.run.model): loaded for e in entries.values()}
-    rows = {r.name: r for r in R.reproduce(list(entries), loaded=given)}
+    pool = ModelPool()
+    for e in entries.values():  # the session's model, under each entry's own model config
+        pool.put(e.run.model, *loaded)
+    rows = {r.name: r for r in R.reproduce(list(entries), pool=pool)}
     assert set(rows) == set(entries)
     for name, e in entries.items():
         row = rows[name]
@@ -138,3 +150,101 @@ def test_gemma3_entries_reproduce(gemma3):
     entries = _entries_of(GEMMA3)
     assert {"gemma3-270m-gptq-slice", "gemma3-270m-llamacpp-slice"} <= set(entries)
     _check_entries(entries, gemma3)
+
+
+def _entry(tmp_path: Path, name: str, run: dict, expected: float = 1.0, tolerance: float = 1e9) -> None:
+    import yaml
+
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(
+        {"description": name, "source": "test", "expected": expected, "tolerance": tolerance, "run": run}
+    ))
+
+
+def test_entries_differing_only_in_quantize_get_their_own_models(tmp_path, tiny, tiny_corpus):
+    """Two entries that differ only in model.quantize run two models: the plain entry's result is
+    the unquantized model's (its weights untouched), the quantized one's is its own."""
+    import torch
+
+    from harness.config import validate
+    from harness.runner import run
+
+    from .conftest import tiny_config
+
+    folder, model, tok = tiny
+    plain = tiny_config(folder, tiny_corpus)
+    quantized = {**plain, "model": {**plain["model"], "quantize": "int8-weight-only"}}
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    _entry(registry, "a-int8", quantized)  # runs first (by name and by model key): it must not quantize the other's model
+    _entry(registry, "b-plain", plain)
+    pool = ModelPool(keep=2)
+    rows = {r.name: r for r in R.reproduce(registry=registry, pool=pool)}
+    assert len(pool) == 2  # reproduce loaded both models into the pool it was given
+    assert rows["a-int8"].status == rows["b-plain"].status == "ok"
+    reference = run(validate(plain), model=model, tokenizer=tok, write=False, progress=False).record["perplexity"]
+    assert math.isclose(rows["b-plain"].got, reference, rel_tol=1e-9)
+    assert not math.isclose(rows["a-int8"].got, reference, rel_tol=1e-6)
+    m_plain, m_q = pool.get(validate(plain).model)[0], pool.get(validate(quantized).model)[0]
+    assert m_plain is not m_q and len(pool) == 2  # the models the entries ran: nothing was loaded again
+    w_file = dict(model.named_parameters())
+    assert all(torch.equal(p, w_file[n]) for n, p in m_plain.named_parameters())
+    assert not all(torch.equal(p, w_file[n]) for n, p in m_q.named_parameters())
+    again = run(validate(quantized), model=m_q, tokenizer=tok, write=False, progress=False).record["perplexity"]
+    assert math.isclose(rows["a-int8"].got, again, rel_tol=1e-9)
+
+
+def test_one_failing_entry_is_marked_and_the_others_run(tmp_path, tiny, tiny_corpus):
+    """A model folder whose config.json does not fit its weights makes transformers raise a
+    RuntimeError (not a harness error): that entry is 'error' with the one-line reason, the
+    entry after it still runs, and the command exits 1 at the end."""
+    from .conftest import tiny_config
+
+    folder, _, _ = tiny
+    good, broken = tmp_path / "b-good-model", tmp_path / "a-broken-model"  # the broken one runs first
+    shutil.copytree(folder, good)
+    shutil.copytree(folder, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "hidden_size": config["hidden_size"] + 16}))
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    _entry(registry, "broken", tiny_config(broken, tiny_corpus))
+    _entry(registry, "good", tiny_config(good, tiny_corpus))
+    out = CliRunner().invoke(app, ["reproduce", "--registry", str(registry)])
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert out.exit_code == 1, out.output
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip().strip("|").split("|")] for l in out.output.splitlines() if l.startswith("|")}
+    assert rows["broken"][6] == "error" and rows["broken"][8].startswith("RuntimeError: ")
+    assert "\n" not in rows["broken"][8]
+    assert rows["good"][6] == "ok" and float(rows["good"][3]) > 1
+
+
+def test_an_installed_wheel_finds_its_registry(tmp_path):
+    """Built as a wheel and installed into a folder of its own (not the editable checkout), the
+    package carries the registry: `python -m harness reproduce --list` lists every entry."""
+    from .conftest import REPO
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "harness", src / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip, quiet = [sys.executable, "-m", "pip"], ["-q", "--disable-pip-version-check", "--no-input"]
+
+    def ok(cmd, **kw):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    ok([*pip, "wheel", *quiet, "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)])
+    (wheel,) = (tmp_path / "dist").glob("ppl_harness-*.whl")
+    registry = sorted(p.name for p in (REPO / "harness" / "registry").glob("*.yaml"))
+    assert len(registry) >= 10
+    assert sorted(n.removeprefix("harness/registry/") for n in zipfile.ZipFile(wheel).namelist()
+                  if n.startswith("harness/registry/")) == registry
+    target = tmp_path / "site"
+    ok([*pip, "install", *quiet, "--no-deps", "--no-index", "--target", str(target), str(wheel)])
+    env = {k: v for k, v in os.environ.items() if k != "PPL_REPRODUCE_DIR"}
+    env["PYTHONPATH"] = str(target)  # ahead of the venv's editable install of the checkout
+    where = ok([sys.executable, "-c", "import harness; print(harness.__file__)"], cwd=tmp_path, env=env)
+    assert Path(where.strip()).is_relative_to(target)
+    listed = ok([sys.executable, "-m", "harness", "reproduce", "--list"], cwd=tmp_path, env=env)
+    assert [line.split()[0] for line in listed.splitlines()] == [n.removesuffix(".yaml") for n in registry]

@@ -96,6 +96,24 @@ PRESETS: dict[str, Preset] = {
 
 
 @dataclass(frozen=True)
+class CorpusSettings:
+    """The corpus side of a protocol: what the corpus readers and the tokenizer need (no model).
+
+    Resolved once per run from the config, the preset and whether the tokenizer adds BOS by
+    itself; the window side (``Settings``) is computed from it and the model's maximum length.
+    """
+
+    protocol: str
+    bos: str
+    mode: str
+    join: str
+    detokenizer: str
+    add_special_tokens: bool
+    counts_on: str
+    prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything that decides which tokens are scored with which context; recorded in results."""
 
@@ -113,15 +131,15 @@ class Settings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def corpus(self) -> CorpusSettings:
+        return CorpusSettings(self.protocol, self.bos, self.mode, self.join, self.detokenizer,
+                              self.add_special_tokens, self.counts_on, self.prefix_token)
 
-def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:
-    """Fill every setting the config left unset from the preset; check it fits the model."""
+
+def resolve_corpus(cfg: RunConfig, tokenizer_adds_bos: bool) -> CorpusSettings:
+    """The corpus side: corpus form, join, detokenizer, BOS policy and special tokens (no model needed)."""
     preset = PRESETS[cfg.eval.protocol]
-    L = cfg.eval.max_length or preset.max_length(model_max)
-    if model_max and L > model_max:
-        raise HarnessError(
-            f"eval.max_length: {L} is larger than the model's {model_max} positions; set eval.max_length <= {model_max}"
-        )
     if cfg.eval.bos is not None and preset.uses_prefix:
         raise HarnessError(
             f"eval.bos: the {preset.name} protocol always puts the prefix token (BOS, else EOS) before each document; remove eval.bos"
@@ -129,13 +147,8 @@ def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> 
     if cfg.eval.bos == BosPolicy.EVERY and preset.name == "llamacpp":
         raise HarnessError("eval.bos: llama.cpp replaces a chunk's first token with BOS, never prepends it; use replace or none")
     bos = cfg.eval.bos or preset.bos(tokenizer_adds_bos)
-    stride = cfg.eval.stride or preset.stride(L)
-    if preset.name == "sliding":
-        stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
-    return Settings(
+    return CorpusSettings(
         protocol=preset.name,
-        max_length=L,
-        stride=stride,
         bos=bos.value,
         mode=cfg.corpus.mode or preset.mode,
         join=cfg.corpus.join if cfg.corpus.join is not None else preset.join,
@@ -145,6 +158,30 @@ def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> 
         counts_on=preset.counts_on,
         prefix_token="bos" if preset.uses_prefix else None,
     )
+
+
+def resolve_windows(cfg: RunConfig, corpus: CorpusSettings, model_max: int | None) -> Settings:
+    """The window side: L and S from the corpus side and the model's maximum positions; checks L fits."""
+    preset = PRESETS[corpus.protocol]
+    L = cfg.eval.max_length or preset.max_length(model_max)
+    if model_max and L > model_max:
+        raise HarnessError(
+            f"eval.max_length: {L} is larger than the model's {model_max} positions; set eval.max_length <= {model_max}"
+        )
+    bos = BosPolicy(corpus.bos)
+    stride = cfg.eval.stride or preset.stride(L)
+    if preset.name == "sliding":
+        stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
+    return Settings(
+        protocol=corpus.protocol, max_length=L, stride=stride, bos=corpus.bos, mode=corpus.mode, join=corpus.join,
+        detokenizer=corpus.detokenizer, add_special_tokens=corpus.add_special_tokens, counts_on=corpus.counts_on,
+        prefix_token=corpus.prefix_token,
+    )
+
+
+def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:
+    """Both sides at once (for callers that have the model's maximum at hand)."""
+    return resolve_windows(cfg, resolve_corpus(cfg, tokenizer_adds_bos), model_max)
 
 
 def plan(settings: Settings, lengths: list[int]) -> list[Window]:

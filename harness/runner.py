@@ -65,14 +65,13 @@ def run(
 
     # corpus and tokens first: their mistakes surface before a slow model load
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    early = protocols.resolve(cfg, adds_bos(tokenizer), None)
-    corpus_cfg = cfg.corpus.model_copy(update={"mode": early.mode, "join": early.join, "detokenizer": early.detokenizer})
-    corpus = tokenized_corpus(corpus_cfg, tokenizer, early, dist)
+    corpus_settings = protocols.resolve_corpus(cfg, adds_bos(tokenizer))
+    corpus = tokenized_corpus(cfg.corpus, tokenizer, corpus_settings, dist)
     streams = corpus.streams
     t_corpus = time.perf_counter()
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
-    settings = protocols.resolve(cfg, adds_bos(tokenizer), max_positions(model))
+    settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     windows = protocols.plan(settings, [len(s) for s in streams])
     chash = record.config_hash(cfg, settings)
 

@@ -5,7 +5,8 @@ time. The cache key is a hash of everything the tokens depend on:
 
 - the tokenizer (its whole ``tokenizer.json`` for a fast tokenizer, else its vocabulary),
 - the corpus (the sha256 of the source file's bytes: ``corpus.path`` or the mirrored parquet;
-  a hub dataset read online is named by id, config, split and revision),
+  a hub dataset read online is named by id, config and split), from the same ``corpus.source``
+  decision the reader follows,
 - the preprocessing (text and domain fields, mode, join string, detokenizer, BOS, max_documents
   and max_tokens), and the source code of the modules that read and tokenize.
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from . import corpus as corpus_module, streaming, tokens as tokens_module
 from .config import CorpusConfig
-from .corpus import concatenate, find_in_mirror, load_documents, _offline
+from .corpus import Source, concatenate, load_documents, source
 from .errors import HarnessError
 from .tokens import TokenStream, tokenize
 
@@ -65,15 +66,11 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def corpus_fingerprint(cfg: CorpusConfig) -> str:
-    if cfg.path:
-        if not Path(cfg.path).is_file():
-            raise HarnessError(f"corpus.path: file not found: {cfg.path} (check the path)")
-        return "file:" + _sha256_file(Path(cfg.path))
-    mirrored = find_in_mirror(cfg)
-    if mirrored is not None and (_offline() or cfg.mirror):
-        return "mirror:" + _sha256_file(mirrored)
-    return f"hub:{cfg.dataset}/{cfg.config}/{cfg.split}"
+def corpus_fingerprint(src: Source) -> str:
+    """What the tokens were read from: the file's bytes, or the hub dataset's name."""
+    if src.kind in ("file", "mirror"):
+        return f"{src.kind}:" + _sha256_file(src.path)
+    return "hub"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -89,12 +86,14 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: CorpusConfig, settings, tokenizer) -> str:
+def cache_key(cfg: CorpusConfig, settings, tokenizer, src: Source | None = None) -> str:
+    src = src or source(cfg)
+    fingerprint = corpus_fingerprint(src)
     parts = {
         "format": FORMAT,
         "code": _code_fingerprint(),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "corpus": corpus_fingerprint(cfg),
+        "corpus": f"hub:{cfg.dataset}/{cfg.config}/{cfg.split}" if fingerprint == "hub" else fingerprint,
         "preprocessing": {
             "dataset": cfg.dataset, "config": cfg.config, "split": cfg.split, "text_field": cfg.text_field,
             "domain_field": cfg.domain_field, "max_documents": cfg.max_documents, "max_tokens": cfg.max_tokens,
@@ -145,13 +144,13 @@ def _load(folder: Path) -> tuple[list[TokenStream], int, str] | None:
 # The step the runner calls
 
 
-def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings, dist) -> tuple[list[TokenStream], int, str]:
+def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings, dist, src: Source) -> tuple[list[TokenStream], int, str]:
     if cfg.streaming:
-        streams, documents, sha = streaming.tokenize_lazily(cfg, tokenizer, settings, dist.rank, dist.world)
+        streams, documents, sha = streaming.tokenize_lazily(cfg, tokenizer, settings, dist.rank, dist.world, src)
         if streaming.shards_documents(cfg, settings, dist.world):  # each rank tokenized its share of documents
             streams = sorted(dist.gather(streams), key=lambda s: s.doc)
         return streams, documents, sha
-    docs = load_documents(cfg)
+    docs = load_documents(cfg, settings, src)
     n_docs = len(docs)
     if settings.mode == "concat":
         docs = [concatenate(docs, settings.join)]
@@ -164,8 +163,11 @@ def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings, dist) -> tuple[li
 def tokenized_corpus(cfg: CorpusConfig, tokenizer, settings, dist=None) -> TokenizedCorpus:
     """The corpus as token streams: from the cache when it holds them, else read and tokenized.
 
-    ``dist`` (a ``Distributor``) shares the tokenizing of a streamed corpus by documents."""
+    ``settings`` is the protocol's corpus side (``protocols.CorpusSettings``): mode, join,
+    detokenizer and special tokens come from it, never from the corpus config. ``dist`` (a
+    ``Distributor``) shares the tokenizing of a streamed corpus by documents."""
     dist = dist or _OneProcess()
+    src = source(cfg)  # decided once: the key names what is read
     is_main = dist.is_main
 
     def say(msg: str) -> None:
@@ -175,7 +177,7 @@ def tokenized_corpus(cfg: CorpusConfig, tokenizer, settings, dist=None) -> Token
     t0 = time.perf_counter()
     key = folder = None
     if cfg.cache:
-        key = cache_key(cfg, settings, tokenizer)
+        key = cache_key(cfg, settings, tokenizer, src)
         folder = cache_root() / key
         hit = _load(folder) if folder.is_dir() else None
         if dist.world > 1:  # all ranks hit, or all tokenize (the sharded tokenizing gathers)
@@ -183,7 +185,7 @@ def tokenized_corpus(cfg: CorpusConfig, tokenizer, settings, dist=None) -> Token
         if hit is not None:
             say(f"token cache: hit {folder}; tokenization skipped")
             return TokenizedCorpus(*hit, {"hit": True, "key": key, "path": str(folder), "seconds": time.perf_counter() - t0})
-    streams, documents, sha = _read_and_tokenize(cfg, tokenizer, settings, dist)
+    streams, documents, sha = _read_and_tokenize(cfg, tokenizer, settings, dist, src)
     if not streams:
         raise HarnessError("corpus: no tokens after tokenizing; check the corpus and corpus.max_tokens")
     seconds = time.perf_counter() - t0

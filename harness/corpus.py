@@ -239,11 +239,18 @@ def _file_rows(cfg: CorpusConfig, path: Path) -> Iterable[dict]:
 
 def _fields(cfg: CorpusConfig) -> list[tuple[str, str]]:
     """(column, config key) of every column a row must have."""
-    return [(f, k) for f, k in ((cfg.text_field, "corpus.text_field"), (cfg.domain_field, "corpus.domain_field")) if f]
+    if cfg.format == "pairs":
+        named = ((cfg.prompt_field, "corpus.prompt_field"), (cfg.target_field, "corpus.target_field"))
+    elif cfg.format == "chat":
+        named = ((cfg.messages_field, "corpus.messages_field"),)
+    else:
+        named = ((cfg.text_field, "corpus.text_field"), (cfg.domain_field, "corpus.domain_field"))
+    return [(f, k) for f, k in named if f]
 
 
-def iter_rows(cfg: CorpusConfig, src: Source | None = None) -> Iterator[dict]:
-    """The rows of the corpus (the first ``max_documents``), lazily, each with its text field."""
+def iter_rows(cfg: CorpusConfig, src: Source | None = None, require_text: bool = True) -> Iterator[dict]:
+    """The rows of the corpus (the first ``max_documents``), lazily, each with its text field
+    (unless ``require_text`` is false: conditional corpora check their own fields)."""
     src = src or source(cfg)
     rows = _file_rows(cfg, src.path) if src.kind == "file" else _hub_rows(cfg, src)
     columns = getattr(rows, "column_names", None)
@@ -252,7 +259,7 @@ def iter_rows(cfg: CorpusConfig, src: Source | None = None) -> Iterator[dict]:
     for n, row in enumerate(rows):
         if cfg.max_documents is not None and n >= cfg.max_documents:
             break
-        if cfg.text_field not in row:
+        if require_text and cfg.text_field not in row:
             raise HarnessError(
                 f"corpus.text_field: field '{cfg.text_field}' not found in row {n}; available fields: {', '.join(map(str, row))}"
             )

@@ -111,6 +111,7 @@ class CorpusSettings:
     add_special_tokens: bool
     counts_on: str
     prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
+    format: str = "text"  # text, or a conditional corpus (pairs, chat): only target spans are scored
 
 
 @dataclass(frozen=True)
@@ -127,14 +128,18 @@ class Settings:
     add_special_tokens: bool
     counts_on: str
     prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
+    format: str = "text"  # pairs/chat: windows from windows.plan_targets, L from the protocol
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["format"] == "text":  # plain text records (and their config hashes) stay as they were
+            del out["format"]
+        return out
 
     @property
     def corpus(self) -> CorpusSettings:
         return CorpusSettings(self.protocol, self.bos, self.mode, self.join, self.detokenizer,
-                              self.add_special_tokens, self.counts_on, self.prefix_token)
+                              self.add_special_tokens, self.counts_on, self.prefix_token, self.format)
 
 
 def resolve_corpus(cfg: RunConfig, tokenizer_adds_bos: bool) -> CorpusSettings:
@@ -147,6 +152,9 @@ def resolve_corpus(cfg: RunConfig, tokenizer_adds_bos: bool) -> CorpusSettings:
     if cfg.eval.bos == BosPolicy.EVERY and preset.name == "llamacpp":
         raise HarnessError("eval.bos: llama.cpp replaces a chunk's first token with BOS, never prepends it; use replace or none")
     bos = cfg.eval.bos or preset.bos(tokenizer_adds_bos)
+    fmt = cfg.corpus.format
+    if fmt != "text":
+        return _conditional_corpus(cfg, preset, bos)
     return CorpusSettings(
         protocol=preset.name,
         bos=bos.value,
@@ -157,6 +165,29 @@ def resolve_corpus(cfg: RunConfig, tokenizer_adds_bos: bool) -> CorpusSettings:
         add_special_tokens=bos in (BosPolicy.STREAM, BosPolicy.REPLACE) and not preset.uses_prefix,
         counts_on=preset.counts_on,
         prefix_token="bos" if preset.uses_prefix else None,
+    )
+
+
+CONDITIONAL_PROTOCOLS = ("sliding", "lm-eval", "paloma")
+
+
+def _conditional_corpus(cfg: RunConfig, preset: Preset, bos: BosPolicy) -> CorpusSettings:
+    """pairs/chat: each sample on its own, no detokenizer, counts on the scored target text.
+
+    The protocol contributes its window length L (and, for pairs, whether the tokenizer's own
+    BOS is kept); the windows come from ``windows.plan_targets``."""
+    fmt = cfg.corpus.format
+    if preset.name not in CONDITIONAL_PROTOCOLS:
+        raise HarnessError(
+            f"eval.protocol: {preset.name} cuts fixed windows from one stream, which does not apply to corpus.format: {fmt}; "
+            f"use one of {', '.join(CONDITIONAL_PROTOCOLS)}"
+        )
+    if bos in (BosPolicy.EVERY, BosPolicy.REPLACE):
+        raise HarnessError(f"eval.bos: {bos.value} does not apply to corpus.format: {fmt}; use stream or none")
+    return CorpusSettings(
+        protocol=preset.name, bos=bos.value, mode="documents", join=preset.join,
+        detokenizer=cfg.corpus.detokenizer or "none",
+        add_special_tokens=bos == BosPolicy.STREAM, counts_on="scored", prefix_token=None, format=fmt,
     )
 
 
@@ -172,16 +203,30 @@ def resolve_windows(cfg: RunConfig, corpus: CorpusSettings, model_max: int | Non
     stride = cfg.eval.stride or preset.stride(L)
     if preset.name == "sliding":
         stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
+    if corpus.format != "text":  # the piece length of a target longer than the window (plan_targets)
+        stride = cfg.eval.stride or max(1, L // 2)
+        if stride > L:
+            raise HarnessError(f"eval.stride: {stride} is larger than eval.max_length {L}; a target piece must fit in a window")
     return Settings(
         protocol=corpus.protocol, max_length=L, stride=stride, bos=corpus.bos, mode=corpus.mode, join=corpus.join,
         detokenizer=corpus.detokenizer, add_special_tokens=corpus.add_special_tokens, counts_on=corpus.counts_on,
-        prefix_token=corpus.prefix_token,
+        prefix_token=corpus.prefix_token, format=corpus.format,
     )
 
 
 def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:
     """Both sides at once (for callers that have the model's maximum at hand)."""
     return resolve_windows(cfg, resolve_corpus(cfg, tokenizer_adds_bos), model_max)
+
+
+def plan_streams(settings: Settings, streams) -> list[Window]:
+    """The windows for token streams: the protocol's planner, or the target planner for pairs/chat."""
+    if settings.format == "text":
+        return plan(settings, [len(s) for s in streams])
+    out: list[Window] = []
+    for doc, s in enumerate(streams):
+        out.extend(W.renumber(W.plan_targets(len(s), s.targets, settings.max_length, doc, settings.stride), len(out)))
+    return out
 
 
 def plan(settings: Settings, lengths: list[int]) -> list[Window]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import corpus as corpus_module, streaming, tokens as tokens_module
+from . import conditional, corpus as corpus_module, streaming, tokens as tokens_module
 from .config import CorpusConfig
 from .corpus import Source, concatenate, load_documents, source
 from .errors import HarnessError
@@ -79,9 +79,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{type(tokenizer).__name__}\x00{body}".encode()).hexdigest()
 
 
+CONDITIONAL_FIELDS = ("format", "prompt_field", "target_field", "separator", "as_chat", "messages_field", "score_roles", "chat_template")
+
+
 def _code_fingerprint() -> str:
     h = hashlib.sha256()
-    for module in (corpus_module, tokens_module, streaming):
+    for module in (corpus_module, tokens_module, streaming, conditional):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
@@ -101,6 +104,11 @@ def cache_key(cfg: CorpusConfig, settings, tokenizer, src: Source | None = None)
             "add_special_tokens": settings.add_special_tokens,
         },
     }
+    if cfg.format != "text":  # how samples are rendered decides the tokens and the target spans
+        parts["conditional"] = {k: getattr(cfg, k) for k in CONDITIONAL_FIELDS}
+        if cfg.chat_template:
+            parts["conditional"]["chat_template_sha256"] = _sha256_file(Path(cfg.chat_template))
+        parts["conditional"]["tokenizer_template"] = getattr(tokenizer, "chat_template", None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -115,9 +123,12 @@ def _store(folder: Path, streams: list[TokenStream], documents: int, text_sha256
         np.save(tmp / "ids.npy", np.concatenate([s.ids for s in streams]))
         np.save(tmp / "bytes.npy", np.concatenate([s.byte_bounds for s in streams]))
         np.save(tmp / "words.npy", np.concatenate([s.word_bounds for s in streams]))
+        conditional = streams[0].targets is not None
+        if conditional:  # the target token spans of a pairs/chat corpus travel with the tokens
+            np.save(tmp / "targets.npy", np.concatenate([s.targets for s in streams]))
         meta = {
             "format": FORMAT, "documents": documents, "text_sha256": text_sha256,
-            "streams": [[len(s), s.doc, s.domain, s.count_bytes, s.count_words] for s in streams],
+            "streams": [[len(s), s.doc, s.domain, s.count_bytes, s.count_words] + ([len(s.targets)] if conditional else []) for s in streams],
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.rename(tmp, folder)  # atomic; fails if another process stored it first, which is fine
@@ -131,12 +142,14 @@ def _load(folder: Path) -> tuple[list[TokenStream], int, str] | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         ids, byte_b, word_b = (np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("ids", "bytes", "words"))
+        targets = np.load(folder / "targets.npy") if (folder / "targets.npy").exists() else None
     except (OSError, ValueError):
         return None
-    streams, t, b = [], 0, 0
-    for n, doc, domain, count_bytes, count_words in meta["streams"]:
-        streams.append(TokenStream(ids[t : t + n], byte_b[b : b + n + 1], word_b[b : b + n + 1], doc, domain, count_bytes, count_words))
-        t, b = t + n, b + n + 1
+    streams, t, b, k = [], 0, 0, 0
+    for n, doc, domain, count_bytes, count_words, *spans in meta["streams"]:
+        mine = targets[k : k + spans[0]] if spans else None
+        streams.append(TokenStream(ids[t : t + n], byte_b[b : b + n + 1], word_b[b : b + n + 1], doc, domain, count_bytes, count_words, mine))
+        t, b, k = t + n, b + n + 1, k + (spans[0] if spans else 0)
     return streams, meta["documents"], meta["text_sha256"]
 
 
@@ -145,6 +158,12 @@ def _load(folder: Path) -> tuple[list[TokenStream], int, str] | None:
 
 
 def _read_and_tokenize(cfg: CorpusConfig, tokenizer, settings, dist, src: Source) -> tuple[list[TokenStream], int, str]:
+    if cfg.format != "text":  # samples are short: rows are read lazily and each sample tokenized whole
+        h = hashlib.sha256()
+        streams, n = conditional.tokenize_samples(cfg, corpus_module.iter_rows(cfg, src, require_text=False), tokenizer, settings.add_special_tokens, h)
+        if n == 0:
+            raise HarnessError(corpus_module.EMPTY)
+        return streams, n, h.hexdigest()
     if cfg.streaming:
         streams, documents, sha = streaming.tokenize_lazily(cfg, tokenizer, settings, dist.rank, dist.world, src)
         if streaming.shards_documents(cfg, settings, dist.world):  # each rank tokenized its share of documents

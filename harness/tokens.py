@@ -28,6 +28,7 @@ class TokenStream:
     domain: str | None = None
     count_bytes: int | None = None  # bytes of the whole original document (None once truncated)
     count_words: int | None = None  # its words, split lm-eval's way
+    targets: np.ndarray | None = None  # [k, 2] token spans [a, b) to score (conditional corpora), else None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -13,8 +13,8 @@ would change the tokens at the boundary).
   the end of its rendered turn with trailing whitespace removed: the content and the
   end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``), never the role header.
   The turn is found by rendering ``messages[:i]`` and ``messages[:i+1]``: the first must be a
-  prefix of the second, and the content (stripped, as templates often strip it) must appear in
-  the difference.
+  prefix of the second, and the content (as given, else stripped, as templates often strip it)
+  must appear in the difference.
 
 The token rule (exact, tested): token ``k`` is a target token when the character it begins at
 lies inside a target span, ``start <= c_k < end``. A token that straddles the start of a target
@@ -118,8 +118,11 @@ def render_chat(messages: list[dict], render: Renderer, roles: list[str], n: int
                 f"corpus.chat_template: rendering the first {i} messages of row {n} is not a prefix of rendering more; "
                 "turns cannot be located in this template"
             )
-        content = m["content"].strip()
-        at = upto.find(content, len(before)) if content else -1
+        content = m["content"]
+        at = upto.find(content, len(before)) if content.strip() else -1
+        if at < 0 and content.strip():  # templates often strip the content
+            content = content.strip()
+            at = upto.find(content, len(before))
         if at < 0:
             raise HarnessError(f"corpus: the {m['role']} turn {i} of row {n} is empty or changed by the chat template; nothing to score")
         end = len(upto.rstrip())

@@ -106,8 +106,9 @@ def cache_key(cfg: CorpusConfig, settings, tokenizer, src: Source | None = None)
     }
     if cfg.format != "text":  # how samples are rendered decides the tokens and the target spans
         parts["conditional"] = {k: getattr(cfg, k) for k in CONDITIONAL_FIELDS}
-        if cfg.chat_template:
-            parts["conditional"]["chat_template_sha256"] = _sha256_file(Path(cfg.chat_template))
+        template = conditional.load_template(cfg)  # its text, read through files.py
+        if template is not None:
+            parts["conditional"]["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
         parts["conditional"]["tokenizer_template"] = getattr(tokenizer, "chat_template", None)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

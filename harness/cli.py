@@ -162,6 +162,18 @@ def compare_cmd(
     typer.echo("written: " + ", ".join(map(str, paths)))
 
 
+@app.command("show")
+def show_cmd(
+    record: Path = typer.Argument(..., help="A run folder or its result.json."),
+    worst: int = typer.Option(20, "--worst", help="How many of the hardest samples (or windows) to list."),
+):
+    """The samples (conditional runs) or windows with the highest mean NLL, with their text."""
+    from .worst import render, worst as find_worst
+
+    kind, frame = find_worst(record, worst)
+    typer.echo(render(kind, frame))
+
+
 @app.command("sweep")
 def sweep_cmd(
     config: Path = typer.Argument(..., help="YAML config (see configs/)."),

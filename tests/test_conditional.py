@@ -347,3 +347,93 @@ def test_smollm2_gsm8k_matches_reference(smollm2, as_chat, one_thread):
             expected.append(reference_sample(model, tok, head + r["answer"], [(len(head), len(head + r["answer"]))], 2048, False))
     assert_samples_match(res, expected)
     assert 1.0 < res["perplexity"] < 20
+
+
+# ---------------------------------------------------------------------------------------------
+# compare, show, data parallel and resume on pairs
+
+
+def test_compare_pairs_with_chat_by_sample_and_show_worst(tiny, tmp_path):
+    from harness.compare import compare, paired_bootstrap
+    from harness.worst import worst
+
+    folder, model, tok = tiny
+    (tmp_path / "t.jinja").write_text(TEMPLATES["chatml"][0])
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    raw = run(validate(pairs_config(folder, path, 24, 2)), tmp_path / "res" / "raw", model=model, tokenizer=tok, progress=False)
+    chat = run(validate(pairs_config(folder, path, 24, 2, as_chat=True, chat_template=str(tmp_path / "t.jinja"))),
+               tmp_path / "res" / "chat", model=model, tokenizer=tok, progress=False)
+    comp = compare([str(tmp_path / "res" / "raw"), str(tmp_path / "res" / "chat")], samples=200)
+    row = comp.table.set_index("run").loc["chat"]
+    assert comp.metric == "bits_per_byte" and row.compared_on.startswith("bits per byte of the targets, by sample")
+    assert row.test == f"paired bootstrap over {len(PAIRS)} samples"
+    # the same interval from the two per-sample tables, the plain way
+    a, b = raw.samples.sort_values("sample"), chat.samples.sort_values("sample")
+    ref = paired_bootstrap(a.target_nll, b.target_nll, a.target_bytes, b.target_bytes, metric="bits_per_byte", samples=200)
+    assert [row.delta_ci95_low, row.delta_ci95_high] == pytest.approx(ref.ci95)
+    bpb = lambda s: s.target_nll.sum() / (s.target_bytes.sum() * math.log(2))  # noqa: E731
+    assert row.delta_bpb == pytest.approx(bpb(b) - bpb(a), rel=1e-9)
+    # ppl show --worst: the samples by mean target NLL, with their text
+    kind, frame = worst(tmp_path / "res" / "raw", 3)
+    mean = (a.target_nll / a.target_tokens).to_numpy()
+    assert kind == "samples" and list(frame["sample"]) == list(np.argsort(-mean)[:3])
+    assert list(frame.target) == [PAIRS[i]["a"] for i in frame["sample"]]
+
+
+def test_show_worst_windows_of_a_text_run(tiny, tiny_corpus, tmp_path):
+    from harness.worst import render, worst
+
+    from .conftest import tiny_config
+    from .test_errors import cli
+
+    folder, model, tok = tiny
+    res = run(validate(tiny_config(folder, tiny_corpus)), tmp_path / "r", model=model, tokenizer=tok, progress=False)
+    kind, frame = worst(tmp_path / "r", 5, tokenizer=tok)
+    w = res.windows.assign(mean=res.windows.sum_nll / res.windows.tokens).sort_values("mean", ascending=False).head(5)
+    assert kind == "windows" and list(frame["index"]) == list(w["index"])
+    ids = tok("\n\n".join(json.loads(line)["text"] for line in tiny_corpus.read_text().splitlines()))["input_ids"]
+    assert list(frame.text) == [tok.decode(ids[a:b]) for a, b in zip(w.score_begin, w.score_end)]
+    assert "highest mean NLL" in render(kind, frame)
+    proc = cli("show", str(tmp_path / "r"), "--worst", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("\n|") >= 4  # the header, the rule and three windows
+
+
+def test_two_processes_equal_one_on_pairs(tiny, tmp_path, one_thread):
+    from .test_distributed import assert_same_record, torchrun
+
+    folder, model, tok = tiny
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = pairs_config(folder, path, 24, 2, cache=False)
+    single = run(validate(config), model=model, tokenizer=tok, write=False, progress=False)
+    assert single["windows"] % 2 == 1, "the test wants work that does not split evenly over 2 ranks"
+    config["output"] = {"save_tokens": True}
+    out = tmp_path / "results" / "dp"
+    multi = torchrun(config, out, tmp_path)
+    assert_same_record(multi, single.record, same_config=True)
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert samples.target_nll.to_numpy() == pytest.approx(single.samples.target_nll.to_numpy(), rel=1e-6)
+    assert len(pd.read_parquet(out / "tokens.parquet")) == single["scored_tokens"]  # every rank's tokens, once
+
+
+def test_killed_pairs_run_resumes(tiny, tmp_path, one_thread):
+    import signal
+
+    from .test_resume import _cli, _start, _stop_after
+
+    folder, model, tok = tiny
+    config = {"model": {"name_or_path": str(folder), "device": "cpu"},
+              "corpus": {**GSM8K, "max_documents": 12, "cache": False}, "eval": {"max_length": 16, "batch_size": 1, "bootstrap": 20}}
+    out = tmp_path / "results" / "run"
+    proc, path = _start(config, out, tmp_path)
+    kept = _stop_after(proc, out, 30, signal.SIGKILL)
+    proc.wait(timeout=60)
+    whole = run(validate(config), model=model, tokenizer=tok, write=False, progress=False)
+    assert kept < whole["windows"]
+    done = _cli(path, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((out / "result.json").read_text())
+    assert kept <= resumed["resumed_windows"] < whole["windows"]
+    assert resumed["scored_tokens"] == whole["scored_tokens"]
+    assert math.isclose(resumed["sum_nll"], whole["sum_nll"], rel_tol=1e-6)
+    assert resumed["conditional"]["macro_perplexity"] == pytest.approx(whole["conditional"]["macro_perplexity"], rel=1e-6)

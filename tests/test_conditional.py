@@ -344,7 +344,7 @@ def test_smollm2_gsm8k_matches_reference(smollm2, as_chat, one_thread):
             expected.append(reference_sample(model, tok, text, chat_spans(text, messages, "<|im_start|>assistant\n", "<|im_end|>"), 2048, False))
         else:
             head = r["question"] + "\n"
-            expected.append(reference_sample(model, tok, head + r["answer"], [(len(head), len(head + r["answer"]))], 2048, False))
+            expected.append(reference_sample(model, tok, head + r["answer"], [(len(head), len(head + r["answer"]))], 2048, True))
     assert_samples_match(res, expected)
     assert 1.0 < res["perplexity"] < 20
 

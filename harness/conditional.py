@@ -30,7 +30,6 @@ themselves); pairs follow the protocol's BOS policy, like plain text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

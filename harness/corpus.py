@@ -7,6 +7,12 @@ config's ``corpus.mirror``, else ``$PPL_CORPUS_MIRROR``, else ``../shared/corpor
 working directory. Local ``.txt`` (one document per file), ``.jsonl``/``.json`` (one per line)
 and ``.parquet`` (one per row) files are read directly.
 
+Where the rows come from is decided once, by ``source(cfg)``; the reader and the token cache's
+key (tokenization.py) both follow that decision. Every local file is opened through
+``files.py``: a folder, a missing file, a file that is not Parquet, a truncated one, a bad JSON
+line (named by its number) or non-UTF-8 text each end in one line naming the file. Documents are
+read by one function, ``iter_documents``, lazily; ``load_documents`` is its list.
+
 The result is a list of ``Document``: the text the model sees, the original text that words and
 bytes are counted on (they differ when a detokenizer ran), and an optional domain.
 """

@@ -44,6 +44,17 @@ Example ``N = 10, L = 4``: inputs ``[P]+t[0:3], t[3:7], t[5:9]``, scored ``[0,4)
 record's ``domains`` holds each domain's token perplexity ``exp(sum_nll_d / n_d)`` and the macro
 average ``mean_d PPL_d`` (the results table's ``macro_perplexity``). Example: domains a and b
 with PPL 10 and 20 give macro 15, whatever their token counts.
+
+Resolution happens once, in two halves: ``resolve_corpus`` (the tokenizer is enough: corpus form,
+join, detokenizer, BOS policy, special tokens, what words and bytes are counted on) feeds the
+corpus readers, and ``resolve_windows`` adds what needs the model (``L``, ``S``, the check that
+``L`` fits). ``Settings.as_dict()`` is what records and config hashes hold.
+
+Conditional corpora (``corpus.format: pairs | chat``, conditional.py) take ``L`` from the
+``sliding``, ``lm-eval`` or ``paloma`` preset, but their windows come from
+``windows.plan_targets``: only target tokens are scored, each with its sample's earlier tokens as
+context (``S`` is the piece length of a target longer than the window, default ``L // 2``).
+``gptq`` and ``llamacpp`` cut fixed windows from one stream and are refused for them.
 """
 
 from __future__ import annotations

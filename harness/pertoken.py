@@ -6,7 +6,8 @@ float32 as scored). Rows come in scoring order (batches sorted by length); sort 
 position to read a text. The writer is fed by the scoring loop's ``on_batch`` callback and
 writes each batch as a Parquet row group (pyarrow's ``ParquetWriter``), so memory stays bounded
 on a long corpus. It writes to a temporary file in the run folder, renamed into place only when
-the run finishes; a failed run leaves nothing behind.
+the run finishes; a failed run leaves nothing behind (a killed one leaves a hidden temporary
+file, removed when the run is resumed).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class TokenWriter:
     def __init__(self, folder: Path, streams, tokenizer):
         self.folder, self.streams, self.tok = Path(folder), streams, tokenizer
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(f".{TOKENS}.*.tmp"):  # left by a killed run of this folder
+            with contextlib.suppress(OSError):
+                stale.unlink()
         fd, self.tmp = tempfile.mkstemp(prefix=f".{TOKENS}.", suffix=".tmp", dir=self.folder)
         os.close(fd)
         self.writer = pq.ParquetWriter(self.tmp, SCHEMA)

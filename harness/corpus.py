@@ -137,7 +137,7 @@ class Source:
 def source(cfg: CorpusConfig) -> Source:
     """The one place that chooses between the file, the mirror and the hub."""
     if cfg.path:
-        return Source("file", existing_file(cfg.path, "corpus.path", "corpus file"))
+        return Source("file", existing_file(cfg.path, "corpus.path", "file"))
     mirrored = find_in_mirror(cfg)
     if mirrored is not None and (_offline() or cfg.mirror):
         return Source("mirror", mirrored)

@@ -103,8 +103,8 @@ def test_bad_corpus_files_are_one_line(tmp_path, streaming):
             assert needle in msg, msg
 
     (tmp_path / "folder.jsonl").mkdir()
-    fails("folder.jsonl", None, "is a folder, not a corpus file")
-    fails("missing.txt", None, "corpus file not found")
+    fails("folder.jsonl", None, "is a folder, not a file")
+    fails("missing.txt", None, "corpus.path: file not found")
     fails("fake.parquet", b"this is not parquet at all", "not a valid Parquet file")
     good = tmp_path / "good.parquet"
     pq.write_table(pa.table({"text": ["a b c"] * 5000}), good)

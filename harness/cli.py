@@ -99,6 +99,8 @@ def run_cmd(
         *([("llama.cpp", f"PPL = {r['perplexity']:.4f} +/- {r['perplexity_pm']:.5f}")] if p["protocol"] == "llamacpp" else []),
         *([("macro perplexity", f"{r['domains']['macro_perplexity']:.4f} over {r['domains']['domains']} domains")] if r.get("domains") else []),
         *([("rescaled", f"{r['rescaled_perplexity']:.4f}")] if r.get("rescaled_perplexity") is not None else []),
+        *([("targets", f"{r['conditional']['samples']:,} samples; perplexity is over all target tokens, "
+                       f"macro (mean of per-sample) {r['conditional']['macro_perplexity']:.4f}")] if r.get("conditional") else []),
         ("tokens/s", f"{r['tokens_per_second']:.1f}"),
         ("wall time", f"{r['wall_seconds']:.1f} s"),
         ("peak memory", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"),
@@ -198,6 +200,18 @@ def compare_cmd(
     paths = write_comparison(comp, output_dir or default_output(records, comp.runs), plot=plot)
     typer.echo(comp.markdown())
     typer.echo("written: " + ", ".join(map(str, paths)))
+
+
+@app.command("show")
+def show_cmd(
+    record: Path = typer.Argument(..., help="A run folder or its result.json."),
+    worst: int = typer.Option(20, "--worst", help="How many of the hardest samples (or windows) to list."),
+):
+    """The samples (conditional runs) or windows with the highest mean NLL, with their text."""
+    from .worst import render, worst as find_worst
+
+    kind, frame = find_worst(record, worst)
+    typer.echo(render(kind, frame))
 
 
 @app.command("sweep")

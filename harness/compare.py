@@ -7,6 +7,12 @@ comparison never re-runs a model. Perplexity is only comparable between runs tha
 divides by the bytes of the scored text instead of a token count, so it compares models with
 different tokenizers (``across_tokenizers=True``), as long as the corpus and protocol match.
 
+Conditional runs (``corpus.format: pairs | chat``) are compared sample by sample: the same rows
+of the same corpus, each run's per-sample target NLL from ``samples.parquet``, the bootstrap
+resampling samples. Raw pairs and the same pairs rendered as chat score different token
+sequences (the chat target also holds its end-of-turn marker), so such runs are compared on
+bits per byte of their targets, never on perplexity.
+
 Significance. Two runs that scored the same windows are *paired*: the difference of their
 per-unit NLL sums removes most of the corpus's own variance (hard documents are hard for both).
 ``paired_bootstrap`` resamples units (documents, or windows of a single stream) with replacement
@@ -55,6 +61,14 @@ class Run:
 
     def windows(self) -> pd.DataFrame | None:
         f = self.path / WINDOWS
+        return pd.read_parquet(f) if f.is_file() else None
+
+    @property
+    def conditional(self) -> bool:
+        return "conditional" in self.record
+
+    def samples(self) -> pd.DataFrame | None:
+        f = self.path / "samples.parquet"
         return pd.read_parquet(f) if f.is_file() else None
 
 
@@ -109,10 +123,24 @@ def _get(record: dict, dotted: str):
     return node
 
 
+# conditional runs (pairs, chat) of the same samples may render them differently (raw or as chat):
+# they are compared sample by sample, on the same rows of the same corpus
+SAMPLE_FIELDS = ["config.corpus.dataset", "config.corpus.config", "config.corpus.split", "config.corpus.path",
+                 "config.corpus.prompt_field", "config.corpus.target_field", "config.corpus.messages_field",
+                 "config.corpus.max_documents", "conditional.samples"]
+
+
 def comparable_fields(a: dict, b: dict) -> list[str]:
     keys = set((a.get("protocol") or {})) | set((b.get("protocol") or {}))
+    if "conditional" in a and "conditional" in b:
+        return ["tokenizer.fingerprint", *SAMPLE_FIELDS, "protocol.format", "protocol.max_length", "protocol.stride"]
     return ["tokenizer.fingerprint", "corpus.text_sha256", "config.corpus.max_tokens", "corpus.tokens",
             *(f"protocol.{k}" for k in sorted(keys))]
+
+
+def rendered_differently(runs: list[Run]) -> bool:
+    """Conditional runs whose rendered texts differ (e.g. raw pairs and the same pairs as chat)."""
+    return all(r.conditional for r in runs) and len({_get(r.record, "corpus.text_sha256") for r in runs}) > 1
 
 
 def check_comparable(base: Run, other: Run, across_tokenizers: bool = False) -> None:
@@ -277,6 +305,8 @@ def compare(
     if len(runs) < 2:
         raise HarnessError(f"compare needs at least two runs, found {len(runs)} at {' '.join(map(str, specs))}")
     base = _pick_baseline(runs, baseline)
+    # raw pairs against the same pairs as chat score different tokens: bits per byte, by sample
+    across_tokenizers = across_tokenizers or rendered_differently(runs)
     for r in runs:
         check_comparable(base, r, across_tokenizers)
     metric = "bits_per_byte" if across_tokenizers else "perplexity"
@@ -284,7 +314,10 @@ def compare(
     rows = []
     for run in [base, *(r for r in runs if r is not base)]:
         row = _row(run, kl_details)
-        row["compared_on"] = "bits per byte (tokenizers may differ)" if across_tokenizers else "perplexity (same tokens)"
+        row["compared_on"] = (
+            "bits per byte of the targets, by sample (renderings differ)" if rendered_differently(runs)
+            else "bits per byte (tokenizers may differ)" if across_tokenizers else "perplexity (same tokens)"
+        )
         ppl, bppl = run.record.get("perplexity"), base.record.get("perplexity")
         bpb, bbpb = run.record.get("bits_per_byte"), base.record.get("bits_per_byte")
         row["delta_ppl"] = None if across_tokenizers else ppl - bppl
@@ -303,7 +336,26 @@ def compare(
     return Comparison(table, base.label, metric, note, runs)
 
 
+def sample_units(base: Run, run: Run, metric: str):
+    """Per-sample (nll_a, nll_b, denom_a, denom_b) of two conditional runs, paired by sample, or None."""
+    sa, sb = base.samples(), run.samples()
+    if sa is None or sb is None:
+        return None
+    sa, sb = sa.sort_values("sample").reset_index(drop=True), sb.sort_values("sample").reset_index(drop=True)
+    if len(sa) < 2 or not sa["sample"].equals(sb["sample"]):
+        return None
+    denom = "target_tokens" if metric == "perplexity" else "target_bytes"
+    return sa.target_nll.to_numpy(), sb.target_nll.to_numpy(), sa[denom].to_numpy(), sb[denom].to_numpy()
+
+
 def _significance(base: Run, run: Run, base_win, metric: str, samples: int, seed: int) -> dict:
+    if base.conditional and run.conditional:
+        units = sample_units(base, run, metric)
+        if units is not None:
+            a, b, da, db = units
+            res = paired_bootstrap(a, b, da, db, metric=metric, samples=samples, seed=seed)
+            return {"delta_ci95_low": res.ci95[0], "delta_ci95_high": res.ci95[1], "significant": res.significant,
+                    "test": f"paired bootstrap over {len(a)} samples"}
     win = run.windows()
     units = None
     if base_win is not None and win is not None:

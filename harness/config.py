@@ -98,11 +98,35 @@ class CorpusConfig(_Section):
     mirror: str | None = Field(None, description="Mirror folder <id>/<config>/<split>.parquet (default $PPL_CORPUS_MIRROR).")
     streaming: bool = Field(False, description="Read and tokenize lazily, in chunks (memory set by the tokens, not the text).")
     cache: bool = Field(True, description="Cache the tokenized corpus on disk ($PPL_CACHE_DIR, default ~/.cache/ppl-harness).")
+    # conditional corpora (harness/conditional.py): score a target given its context
+    format: Literal["text", "pairs", "chat"] = Field(
+        "text", description="text: score every token; pairs: prompt + separator + target, target scored; chat: assistant turns scored."
+    )
+    prompt_field: str = Field("prompt", description="pairs: the column holding the prompt (context).")
+    target_field: str = Field("target", description="pairs: the column holding the target (scored).")
+    separator: str = Field("\n", description="pairs: inserted between prompt and target.")
+    as_chat: bool = Field(False, description="pairs: render as one user turn and one assistant turn with the chat template.")
+    messages_field: str = Field("messages", description="chat: the column holding a list of {role, content}.")
+    score_roles: list[str] = Field(["assistant"], description="chat: roles whose turns are scored (content and end-of-turn marker).")
+    chat_template: str | None = Field(None, description="chat: a Jinja template file, for tokenizers that ship none.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "CorpusConfig":
         if (self.dataset is None) == (self.path is None):
             raise ValueError("set exactly one of corpus.dataset or corpus.path")
+        return self
+
+    @model_validator(mode="after")
+    def _conditional(self) -> "CorpusConfig":
+        if self.format != "text":
+            if self.mode == "concat":
+                raise ValueError(f"format {self.format} scores each sample on its own; remove corpus.mode: concat")
+            if self.max_tokens is not None:
+                raise ValueError(f"format {self.format} keeps whole samples; use corpus.max_documents instead of max_tokens")
+        if self.as_chat and self.format != "pairs":
+            raise ValueError("as_chat renders pairs as chat; set corpus.format: pairs (or use format: chat)")
+        if self.format == "chat" and not self.score_roles:
+            raise ValueError("score_roles: name at least one role to score, e.g. [assistant]")
         return self
 
 
@@ -153,6 +177,7 @@ class OutputConfig(_Section):
     dir: str = Field("results", description="Where run folders and the results table go.")
     run_id: str | None = Field(None, description="Run folder name (default: time, model, corpus, config hash).")
     save_windows: bool = True
+    save_tokens: bool = Field(False, description="Write every scored token (document, position, id, text, NLL) to tokens.parquet.")
 
     @field_validator("run_id")
     @classmethod

@@ -7,6 +7,12 @@ config's ``corpus.mirror``, else ``$PPL_CORPUS_MIRROR``, else ``../shared/corpor
 working directory. Local ``.txt`` (one document per file), ``.jsonl``/``.json`` (one per line)
 and ``.parquet`` (one per row) files are read directly.
 
+Where the rows come from is decided once, by ``source(cfg)``; the reader and the token cache's
+key (tokenization.py) both follow that decision. Every local file is opened through
+``files.py``: a folder, a missing file, a file that is not Parquet, a truncated one, a bad JSON
+line (named by its number) or non-UTF-8 text each end in one line naming the file. Documents are
+read by one function, ``iter_documents``, lazily; ``load_documents`` is its list.
+
 The result is a list of ``Document``: the text the model sees, the original text that words and
 bytes are counted on (they differ when a detokenizer ran), and an optional domain.
 """
@@ -22,6 +28,7 @@ from typing import Iterable, Iterator
 
 from .config import CorpusConfig
 from .errors import HarnessError
+from .files import existing_file, reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,130 +120,183 @@ def find_in_mirror(cfg: CorpusConfig) -> Path | None:
     return None
 
 
-def _hub_rows(cfg: CorpusConfig):
-    """The dataset's rows: from the mirror when offline (or the hub fails), else from the hub."""
+@dataclass(frozen=True)
+class Source:
+    """Where the rows come from, decided once (``source``) for the reader and the token cache key.
+
+    ``kind`` is ``file`` (``corpus.path``), ``mirror`` (a mirrored parquet, used when offline or
+    when ``corpus.mirror`` is set) or ``hub`` (``datasets`` online; ``fallback`` is the mirrored
+    file read instead if the hub cannot be reached).
+    """
+
+    kind: str
+    path: Path | None = None
+    fallback: Path | None = None
+
+
+def source(cfg: CorpusConfig) -> Source:
+    """The one place that chooses between the file, the mirror and the hub."""
+    if cfg.path:
+        return Source("file", existing_file(cfg.path, "corpus.path", "file"))
     mirrored = find_in_mirror(cfg)
-    try:
-        import datasets
-    except ImportError:  # a mirrored parquet is read with pyarrow (a GPU node may lack datasets)
-        if mirrored is None:
-            raise HarnessError(f"corpus.dataset: '{cfg.dataset}' needs the datasets package (pip install datasets) or a mirror "
-                               "(corpus.mirror or PPL_CORPUS_MIRROR)") from None
-        return _file_rows(cfg.model_copy(update={"path": str(mirrored), "dataset": None}))
     if mirrored is not None and (_offline() or cfg.mirror):
-        return datasets.load_dataset("parquet", data_files=str(mirrored), split="train", streaming=cfg.streaming)
+        return Source("mirror", mirrored)
     if _offline():
         tried = ", ".join(str(r) for r in mirror_roots(cfg))
         raise HarnessError(
             f"corpus.dataset: '{cfg.dataset}' ({cfg.config}) is not in the mirror ({tried}) and the hub is offline; "
             "set corpus.mirror or PPL_CORPUS_MIRROR to a folder holding <id>/<config>/<split>.parquet, or unset HF_DATASETS_OFFLINE"
         )
+    return Source("hub", None, mirrored)
+
+
+_FIX = {"parquet": "give a Parquet file (e.g. written by pandas.DataFrame.to_parquet)",
+        "text": "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8",
+        "jsonl": "one JSON object per line, UTF-8"}
+
+
+def _mirrored_rows(path: Path, cfg: CorpusConfig):
+    try:
+        import datasets
+    except ImportError:  # a GPU node may lack datasets: pyarrow reads the mirrored parquet as well
+        return _parquet_rows(path, cfg)
+    with reading(path, "corpus.dataset", "Parquet file", "the mirror file is damaged; copy it again"):
+        return datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=cfg.streaming)
+
+
+def _hub_rows(cfg: CorpusConfig, src: Source):
+    """The dataset's rows: from the mirror, or from the hub (falling back to the mirror if it fails)."""
+    if src.kind == "mirror":
+        return _mirrored_rows(src.path, cfg)
+    import datasets
+
     try:
         return datasets.load_dataset(cfg.dataset, cfg.config, split=cfg.split, streaming=cfg.streaming)
     except ValueError as err:  # an unknown split is a ValueError listing the known ones
-        if mirrored is None:
+        if src.fallback is None:
             raise HarnessError(f"corpus.split: {err}") from None
     except Exception as err:  # hub unreachable: fall back to the mirror when there is one
-        if mirrored is None:
+        if src.fallback is None:
             raise HarnessError(
                 f"corpus.dataset: cannot load '{cfg.dataset}' from the hub ({type(err).__name__}) and it is not in a mirror"
             ) from None
-    return datasets.load_dataset("parquet", data_files=str(mirrored), split="train", streaming=cfg.streaming)
+    return _mirrored_rows(src.fallback, cfg)
 
 
 def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
+    with reading(path, "corpus.path", "text file", _FIX["text"]):
+        data = path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise HarnessError(
-            f"corpus.path: {path} is not UTF-8 text (invalid byte 0x{data[err.start]:02x} at byte offset {err.start}); "
-            "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8"
+            f"corpus.path: {path} is not UTF-8 text (invalid byte 0x{data[err.start]:02x} at byte offset {err.start}); {_FIX['text']}"
         ) from None
 
 
-def _file_rows(cfg: CorpusConfig) -> Iterable[dict]:
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise HarnessError(f"corpus.path: file not found: {path} (check the path)")
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".raw", ".text", ".md", ".tokens"):
-        return [{cfg.text_field: _read_text_file(path)}]
-    if cfg.streaming and suffix in (".jsonl", ".json", ".parquet"):
-        return _lazy_file_rows(path, suffix, cfg)
-    if suffix in (".jsonl", ".json"):
-        rows = []
-        for n, line in enumerate(_read_text_file(path).splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise HarnessError(f"corpus.path: {path} line {n} is not valid JSON ({err.msg}); one JSON object per line") from None
-        return rows
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise HarnessError(f"corpus.path: unsupported file type '{suffix}' for {path}; use .txt, .jsonl or .parquet")
+def _json_row(path: Path, n: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise HarnessError(f"corpus.path: {path} line {n} is not valid JSON ({err.msg}); one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise HarnessError(f"corpus.path: {path} line {n} is a JSON {type(row).__name__}, not an object; one JSON object per line")
+    return row
 
 
-def _lazy_file_rows(path: Path, suffix: str, cfg: CorpusConfig) -> Iterator[dict]:
-    """Rows one at a time (``corpus.streaming``): JSONL line by line, parquet batch by batch."""
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _missing_column(cfg: CorpusConfig, names: list[str]) -> None:
+    for field, key in _fields(cfg):
+        if field not in names:
+            raise HarnessError(f"{key}: column '{field}' not found; available columns: {', '.join(map(str, names))}")
 
+
+def _parquet_rows(path: Path, cfg: CorpusConfig) -> Iterator[dict]:
+    """Rows of a Parquet file batch by batch; a file that is not Parquet is one line."""
+    import pyarrow.parquet as pq
+
+    with reading(path, "corpus.path", "Parquet file", _FIX["parquet"]):
         f = pq.ParquetFile(path)
-        columns = [c for c in (cfg.text_field, cfg.domain_field) if c]
-        missing = [c for c in columns if c not in f.schema_arrow.names]
-        if missing:
-            key = "corpus.text_field" if missing[0] == cfg.text_field else "corpus.domain_field"
-            raise HarnessError(f"{key}: column '{missing[0]}' not found; available columns: {', '.join(f.schema_arrow.names)}")
+        _missing_column(cfg, f.schema_arrow.names)
+        columns = [c for c, _ in _fields(cfg)]
         for batch in f.iter_batches(batch_size=1024, columns=columns):
             yield from batch.to_pylist()
-        return
-    with open(path, encoding="utf-8") as lines:
-        n = 0
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict]:
+    """Rows of a JSONL file line by line; a bad line is named by its number."""
+    n = 0
+    with reading(path, "corpus.path", "JSONL file", _FIX["jsonl"]), open(path, encoding="utf-8") as lines:
         try:
             for n, line in enumerate(lines, 1):
                 if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise HarnessError(f"corpus.path: {path} line {n} is not valid JSON ({err.msg}); one JSON object per line") from None
+                    yield _json_row(path, n, line)
         except UnicodeDecodeError:
-            raise HarnessError(f"corpus.path: {path} is not UTF-8 text (after line {n}); convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+            raise HarnessError(f"corpus.path: {path} is not UTF-8 text (after line {n}); {_FIX['text']}") from None
 
 
-def iter_rows(cfg: CorpusConfig) -> Iterator[dict]:
-    rows = _hub_rows(cfg) if cfg.dataset else _file_rows(cfg)
+def _file_rows(cfg: CorpusConfig, path: Path) -> Iterable[dict]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw", ".text", ".md", ".tokens"):
+        return [{cfg.text_field: _read_text_file(path)}]
+    if suffix in (".jsonl", ".json"):
+        return _jsonl_rows(path)
+    if suffix == ".parquet":
+        return _parquet_rows(path, cfg)
+    raise HarnessError(f"corpus.path: unsupported file type '{suffix}' for {path}; use .txt, .jsonl or .parquet")
+
+
+def _fields(cfg: CorpusConfig) -> list[tuple[str, str]]:
+    """(column, config key) of every column a row must have."""
+    if cfg.format == "pairs":
+        named = ((cfg.prompt_field, "corpus.prompt_field"), (cfg.target_field, "corpus.target_field"))
+    elif cfg.format == "chat":
+        named = ((cfg.messages_field, "corpus.messages_field"),)
+    else:
+        named = ((cfg.text_field, "corpus.text_field"), (cfg.domain_field, "corpus.domain_field"))
+    return [(f, k) for f, k in named if f]
+
+
+def iter_rows(cfg: CorpusConfig, src: Source | None = None, require_text: bool = True) -> Iterator[dict]:
+    """The rows of the corpus (the first ``max_documents``), lazily, each with its text field
+    (unless ``require_text`` is false: conditional corpora check their own fields)."""
+    src = src or source(cfg)
+    rows = _file_rows(cfg, src.path) if src.kind == "file" else _hub_rows(cfg, src)
     columns = getattr(rows, "column_names", None)
     if columns is not None:
-        for field in (cfg.text_field, cfg.domain_field):
-            if field and field not in columns:
-                key = "corpus.text_field" if field == cfg.text_field else "corpus.domain_field"
-                raise HarnessError(f"{key}: column '{field}' not found; available columns: {', '.join(columns)}")
+        _missing_column(cfg, columns)
     for n, row in enumerate(rows):
         if cfg.max_documents is not None and n >= cfg.max_documents:
             break
-        if cfg.text_field not in row:
+        if require_text and cfg.text_field not in row:
             raise HarnessError(
                 f"corpus.text_field: field '{cfg.text_field}' not found in row {n}; available fields: {', '.join(map(str, row))}"
             )
         yield row
 
 
-def load_documents(cfg: CorpusConfig) -> list[Document]:
-    """Read the corpus into documents (detokenized when configured), before any joining."""
-    detok = DETOKENIZERS[cfg.detokenizer or "none"]
-    docs = []
-    for row in iter_rows(cfg):
+EMPTY = "corpus: the corpus is empty (no text); check corpus.split, corpus.text_field and corpus.max_documents"
+
+
+def iter_documents(cfg: CorpusConfig, settings=None, src: Source | None = None) -> Iterator[Document]:
+    """Each row as a ``Document`` (detokenized per ``settings.detokenizer``), lazily.
+
+    ``settings`` is the protocol's ``CorpusSettings``; without it the config's own detokenizer is
+    used (for reading a corpus outside a run)."""
+    name = settings.detokenizer if settings is not None else (cfg.detokenizer or "none")
+    detok = DETOKENIZERS[name]
+    for row in iter_rows(cfg, src):
         text = row[cfg.text_field]
         if not isinstance(text, str):
             raise HarnessError(f"corpus.text_field: '{cfg.text_field}' holds {type(text).__name__}, not text; name a text column")
         domain = str(row.get(cfg.domain_field)) if cfg.domain_field else None
-        docs.append(Document(detok(text) if detok else text, text, domain))
+        yield Document(detok(text) if detok else text, text, domain)
+
+
+def load_documents(cfg: CorpusConfig, settings=None, src: Source | None = None) -> list[Document]:
+    """Read the corpus into documents (detokenized when configured), before any joining."""
+    docs = list(iter_documents(cfg, settings, src))
     if not docs or not any(d.text for d in docs):
-        raise HarnessError("corpus: the corpus is empty (no text); check corpus.split, corpus.text_field and corpus.max_documents")
+        raise HarnessError(EMPTY)
     return docs
 
 

@@ -44,6 +44,17 @@ Example ``N = 10, L = 4``: inputs ``[P]+t[0:3], t[3:7], t[5:9]``, scored ``[0,4)
 record's ``domains`` holds each domain's token perplexity ``exp(sum_nll_d / n_d)`` and the macro
 average ``mean_d PPL_d`` (the results table's ``macro_perplexity``). Example: domains a and b
 with PPL 10 and 20 give macro 15, whatever their token counts.
+
+Resolution happens once, in two halves: ``resolve_corpus`` (the tokenizer is enough: corpus form,
+join, detokenizer, BOS policy, special tokens, what words and bytes are counted on) feeds the
+corpus readers, and ``resolve_windows`` adds what needs the model (``L``, ``S``, the check that
+``L`` fits). ``Settings.as_dict()`` is what records and config hashes hold.
+
+Conditional corpora (``corpus.format: pairs | chat``, conditional.py) take ``L`` from the
+``sliding``, ``lm-eval`` or ``paloma`` preset, but their windows come from
+``windows.plan_targets``: only target tokens are scored, each with its sample's earlier tokens as
+context (``S`` is the piece length of a target longer than the window, default ``L // 2``).
+``gptq`` and ``llamacpp`` cut fixed windows from one stream and are refused for them.
 """
 
 from __future__ import annotations
@@ -104,6 +115,25 @@ PRESETS: dict[str, Preset] = {
 
 
 @dataclass(frozen=True)
+class CorpusSettings:
+    """The corpus side of a protocol: what the corpus readers and the tokenizer need (no model).
+
+    Resolved once per run from the config, the preset and whether the tokenizer adds BOS by
+    itself; the window side (``Settings``) is computed from it and the model's maximum length.
+    """
+
+    protocol: str
+    bos: str
+    mode: str
+    join: str
+    detokenizer: str
+    add_special_tokens: bool
+    counts_on: str
+    prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
+    format: str = "text"  # text, or a conditional corpus (pairs, chat): only target spans are scored
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything that decides which tokens are scored with which context; recorded in results."""
 
@@ -117,19 +147,23 @@ class Settings:
     add_special_tokens: bool
     counts_on: str
     prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
+    format: str = "text"  # pairs/chat: windows from windows.plan_targets, L from the protocol
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["format"] == "text":  # plain text records (and their config hashes) stay as they were
+            del out["format"]
+        return out
+
+    @property
+    def corpus(self) -> CorpusSettings:
+        return CorpusSettings(self.protocol, self.bos, self.mode, self.join, self.detokenizer,
+                              self.add_special_tokens, self.counts_on, self.prefix_token, self.format)
 
 
-def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:
-    """Fill every setting the config left unset from the preset; check it fits the model."""
+def resolve_corpus(cfg: RunConfig, tokenizer_adds_bos: bool) -> CorpusSettings:
+    """The corpus side: corpus form, join, detokenizer, BOS policy and special tokens (no model needed)."""
     preset = PRESETS[cfg.eval.protocol]
-    L = cfg.eval.max_length or preset.max_length(model_max)
-    if model_max and L > model_max:
-        raise HarnessError(
-            f"eval.max_length: {L} is larger than the model's {model_max} positions; set eval.max_length <= {model_max}"
-        )
     if cfg.eval.bos is not None and preset.uses_prefix:
         raise HarnessError(
             f"eval.bos: the {preset.name} protocol always puts the prefix token (BOS, else EOS) before each document; remove eval.bos"
@@ -137,13 +171,11 @@ def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> 
     if cfg.eval.bos == BosPolicy.EVERY and preset.name == "llamacpp":
         raise HarnessError("eval.bos: llama.cpp replaces a chunk's first token with BOS, never prepends it; use replace or none")
     bos = cfg.eval.bos or preset.bos(tokenizer_adds_bos)
-    stride = cfg.eval.stride or preset.stride(L)
-    if preset.name == "sliding":
-        stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
-    return Settings(
+    fmt = cfg.corpus.format
+    if fmt != "text":
+        return _conditional_corpus(cfg, preset, bos)
+    return CorpusSettings(
         protocol=preset.name,
-        max_length=L,
-        stride=stride,
         bos=bos.value,
         mode=cfg.corpus.mode or preset.mode,
         join=cfg.corpus.join if cfg.corpus.join is not None else preset.join,
@@ -153,6 +185,67 @@ def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> 
         counts_on=preset.counts_on,
         prefix_token="bos" if preset.uses_prefix else None,
     )
+
+
+CONDITIONAL_PROTOCOLS = ("sliding", "lm-eval", "paloma")
+
+
+def _conditional_corpus(cfg: RunConfig, preset: Preset, bos: BosPolicy) -> CorpusSettings:
+    """pairs/chat: each sample on its own, no detokenizer, counts on the scored target text.
+
+    The protocol contributes its window length L (and, for pairs, whether the tokenizer's own
+    BOS is kept); the windows come from ``windows.plan_targets``."""
+    fmt = cfg.corpus.format
+    if preset.name not in CONDITIONAL_PROTOCOLS:
+        raise HarnessError(
+            f"eval.protocol: {preset.name} cuts fixed windows from one stream, which does not apply to corpus.format: {fmt}; "
+            f"use one of {', '.join(CONDITIONAL_PROTOCOLS)}"
+        )
+    if bos in (BosPolicy.EVERY, BosPolicy.REPLACE):
+        raise HarnessError(f"eval.bos: {bos.value} does not apply to corpus.format: {fmt}; use stream or none")
+    return CorpusSettings(
+        protocol=preset.name, bos=bos.value, mode="documents", join=preset.join,
+        detokenizer=cfg.corpus.detokenizer or "none",
+        add_special_tokens=bos == BosPolicy.STREAM, counts_on="scored", prefix_token=None, format=fmt,
+    )
+
+
+def resolve_windows(cfg: RunConfig, corpus: CorpusSettings, model_max: int | None) -> Settings:
+    """The window side: L and S from the corpus side and the model's maximum positions; checks L fits."""
+    preset = PRESETS[corpus.protocol]
+    L = cfg.eval.max_length or preset.max_length(model_max)
+    if model_max and L > model_max:
+        raise HarnessError(
+            f"eval.max_length: {L} is larger than the model's {model_max} positions; set eval.max_length <= {model_max}"
+        )
+    bos = BosPolicy(corpus.bos)
+    stride = cfg.eval.stride or preset.stride(L)
+    if preset.name == "sliding":
+        stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
+    if corpus.format != "text":  # the piece length of a target longer than the window (plan_targets)
+        stride = cfg.eval.stride or max(1, L // 2)
+        if stride > L:
+            raise HarnessError(f"eval.stride: {stride} is larger than eval.max_length {L}; a target piece must fit in a window")
+    return Settings(
+        protocol=corpus.protocol, max_length=L, stride=stride, bos=corpus.bos, mode=corpus.mode, join=corpus.join,
+        detokenizer=corpus.detokenizer, add_special_tokens=corpus.add_special_tokens, counts_on=corpus.counts_on,
+        prefix_token=corpus.prefix_token, format=corpus.format,
+    )
+
+
+def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:
+    """Both sides at once (for callers that have the model's maximum at hand)."""
+    return resolve_windows(cfg, resolve_corpus(cfg, tokenizer_adds_bos), model_max)
+
+
+def plan_streams(settings: Settings, streams) -> list[Window]:
+    """The windows for token streams: the protocol's planner, or the target planner for pairs/chat."""
+    if settings.format == "text":
+        return plan(settings, [len(s) for s in streams])
+    out: list[Window] = []
+    for doc, s in enumerate(streams):
+        out.extend(W.renumber(W.plan_targets(len(s), s.targets, settings.max_length, doc, settings.stride), len(out)))
+    return out
 
 
 def plan(settings: Settings, lengths: list[int]) -> list[Window]:

@@ -39,6 +39,7 @@ class Result:
     windows: pd.DataFrame
     run_dir: Path | None = None
     positions: pd.DataFrame | None = field(default=None, repr=False)
+    samples: pd.DataFrame | None = field(default=None, repr=False)  # conditional corpora: one row per sample
 
     def __getitem__(self, key: str):
         return self.record[key]
@@ -52,6 +53,9 @@ class Result:
         return self.record["scored_tokens"]
 
 
+CONDITIONAL_KEYS = ("format", "prompt_field", "target_field", "separator", "as_chat", "messages_field", "score_roles", "chat_template")
+
+
 def config_hash(cfg: RunConfig, settings) -> str:
     """Hash of everything that decides the number (not where it is written, nor its label)."""
     payload = cfg.model_dump(mode="json", exclude={"output": True, "name": True})
@@ -60,6 +64,9 @@ def config_hash(cfg: RunConfig, settings) -> str:
     payload["eval"].pop("max_batch_size", None)
     for key in ("streaming", "cache"):  # how the corpus is read cannot change a number either
         payload["corpus"].pop(key, None)
+    if payload["corpus"].get("format", "text") == "text":  # conditional keys, unused by plain text
+        for key in CONDITIONAL_KEYS:
+            payload["corpus"].pop(key, None)
     payload["settings"] = settings.as_dict()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -26,6 +26,8 @@ from .results import WINDOWS, write_frame, write_record, write_table
 from .resume import ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
 from .scoring import input_device, score_windows
 from .tokenization import tokenized_corpus
+from .conditional import SAMPLES, conditional_section, samples_frame
+from .pertoken import TokenWriter, callback as pertoken_callback, chain
 
 __all__ = ["run", "Result"]
 
@@ -66,17 +68,18 @@ def run(
 
     # corpus and tokens first: their mistakes surface before a slow model load
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    early = protocols.resolve(cfg, adds_bos(tokenizer), None)
-    corpus_cfg = cfg.corpus.model_copy(update={"mode": early.mode, "join": early.join, "detokenizer": early.detokenizer})
-    corpus = tokenized_corpus(corpus_cfg, tokenizer, early, dist)
+    corpus_settings = protocols.resolve_corpus(cfg, adds_bos(tokenizer))
+    corpus = tokenized_corpus(cfg.corpus, tokenizer, corpus_settings, dist)
     streams = corpus.streams
     t_corpus = time.perf_counter()
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
-    settings = protocols.resolve(cfg, adds_bos(tokenizer), max_positions(model))
+    settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     compiled.enable(model, cfg.eval.compile, settings.max_length)
-    windows = protocols.plan(settings, [len(s) for s in streams])
+    windows = protocols.plan_streams(settings, streams)
     chash = record.config_hash(cfg, settings)
+    rid = record.run_id(cfg, settings, chash, output_dir)
+    run_dir = Path(output_dir) if output_dir else root / rid
 
     pair = None
     if cfg.baseline_model is not None:
@@ -96,13 +99,24 @@ def run(
 
     trial = lambda ws: score(ws, len(ws), False, progress=False)  # noqa: E731  (the given windows as one batch)
     batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=input_device(model).type == "cpu")
+    # output.save_tokens: each batch's scored tokens go to tokens.parquet as they are scored
+    tokens_out = TokenWriter(run_dir, streams, tokenizer) if write and cfg.output.save_tokens and dist.is_main else None
+    if tokens_out is not None:
+        tokens_out.add(done)
     try:
         records, positions, seconds = score(
             mine, batch_size, cfg.eval.sort_by_length, progress=progress and dist.is_main, scorer=pair,
-            on_batch=recorder(log, dist.gather) if resumable else None,
+            on_batch=chain(recorder(log, dist.gather) if resumable else None,
+                           pertoken_callback(tokens_out, dist.gather, is_padding) if cfg.output.save_tokens and write else None),
         )
     except KeyboardInterrupt:
+        if tokens_out is not None:
+            tokens_out.abort()
         raise interrupted(log, len(windows)) from None
+    except BaseException:
+        if tokens_out is not None:
+            tokens_out.abort()
+        raise
 
     # every rank's windows and the earlier run's meet here
     records = sorted([r for r in dist.gather(records) if not is_padding(r)] + [f.record for f in done], key=lambda r: r.index)
@@ -112,7 +126,7 @@ def run(
         records = override_counts(records, {i: (s.count_bytes, s.count_words) for i, s in enumerate(streams) if s.count_bytes is not None})
     seconds = max(dist.gather([seconds]))
     rec = record.build(
-        run_id=record.run_id(cfg, settings, chash, output_dir), cfg=cfg, settings=settings, chash=chash, records=records,
+        run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,
         timing={
             "tokens_per_second": (sum(r.tokens for r in records) - sum(f.record.tokens for f in done)) / max(seconds, 1e-9),
             "wall_seconds": time.perf_counter() - t0,
@@ -127,13 +141,21 @@ def run(
     kl_rows = None
     if pair is not None:
         rec["kl"], kl_rows = pair.gathered(dist.gather)
+    samples = None
+    if settings.format != "text":  # per-sample target figures (conditional.py)
+        samples = samples_frame(records, streams, tokenizer)
+        rec["conditional"] = conditional_section(samples, settings.format)
     result = Result(rec, record.windows_frame(records, kl_rows), None, record.positions_frame(positions))
+    result.samples = samples
 
     if write and dist.is_main:
-        run_dir = Path(output_dir) if output_dir else root / rec["run_id"]
         if cfg.output.save_windows:
             write_frame(run_dir / WINDOWS, result.windows)
             write_frame(run_dir / "positions.parquet", result.positions)
+        if samples is not None:
+            write_frame(run_dir / SAMPLES, samples)
+        if tokens_out is not None:
+            tokens_out.finish()
         write_record(run_dir, rec)
         write_table(run_dir.parent)
         result.run_dir = run_dir

@@ -30,13 +30,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import CorpusConfig
-from .corpus import DETOKENIZERS, iter_rows
+from .corpus import EMPTY, iter_documents
 from .errors import HarnessError
-from .tokens import TokenStream, _char_starts, _utf8_byte_offsets
+from .tokens import TokenStream, boundaries, encode
 
 CHUNK_CHARS = 1 << 18
 MARGIN = 4096
-_WORD = re.compile(r"\S+")
 _SPACE_RUN = re.compile(r"\s+")
 
 
@@ -103,11 +102,7 @@ class _ChunkedStream:
 
     def _commit(self, final: bool) -> None:
         text = self.buf
-        fast = bool(getattr(self.tok, "is_fast", False))
-        enc = self.tok(text, add_special_tokens=self.special and self.first, return_offsets_mapping=fast,
-                       return_attention_mask=False, verbose=False)
-        ids = list(enc["input_ids"])
-        starts = _char_starts(self.tok, text, ids, enc.get("offset_mapping"))
+        ids, starts = encode(self.tok, text, self.special and self.first)
         k, cut = len(ids), len(text)
         if not final:
             self._check_safe()
@@ -116,10 +111,8 @@ class _ChunkedStream:
         elif not self.first:
             self._check_safe()
         char_bounds = np.append(starts[:k], cut)
-        byte_bounds = _utf8_byte_offsets(text[:cut])[char_bounds] + self.byte_base
-        word_starts = np.array([m.start() for m in _WORD.finditer(text, 0, cut)], dtype=np.int64)
-        word_bounds = np.searchsorted(word_starts, char_bounds, side="left").astype(np.int64) + self.word_base
-        word_bounds[-1] = self.word_base + len(word_starts)
+        byte_bounds, word_bounds = boundaries(text[:cut], char_bounds)
+        byte_bounds, word_bounds = byte_bounds + self.byte_base, word_bounds + self.word_base
         # the bounds at the cut open the next chunk: keep them once, at the end
         self.parts.append((np.asarray(ids[:k], dtype=np.int64), byte_bounds[:-1], word_bounds[:-1]))
         self.byte_base, self.word_base = int(byte_bounds[-1]), int(word_bounds[-1])
@@ -156,14 +149,10 @@ class _ChunkedStream:
         return stream.truncate(self.limit) if self.truncated else stream
 
 
-def _documents(cfg: CorpusConfig) -> Iterator[tuple[str, str, str | None]]:
+def _documents(cfg: CorpusConfig, settings, src) -> Iterator[tuple[str, str, str | None]]:
     """(text fed to the model, original text, domain) of each row, read lazily."""
-    detok = DETOKENIZERS[cfg.detokenizer or "none"]
-    for row in iter_rows(cfg):
-        text = row[cfg.text_field]
-        if not isinstance(text, str):
-            raise HarnessError(f"corpus.text_field: '{cfg.text_field}' holds {type(text).__name__}, not text; name a text column")
-        yield (detok(text) if detok else text), text, (str(row.get(cfg.domain_field)) if cfg.domain_field else None)
+    for d in iter_documents(cfg, settings, src):
+        yield d.text, d.original, d.domain
 
 
 def _tokenize_stream(tokenizer, pieces: Iterable[tuple[str, str]], settings, limit, doc, domain, sha) -> TokenStream:
@@ -187,14 +176,14 @@ def shards_documents(cfg: CorpusConfig, settings, world: int) -> bool:
     return world > 1 and settings.mode == "documents" and cfg.max_tokens is None
 
 
-def tokenize_lazily(cfg: CorpusConfig, tokenizer, settings, rank: int = 0, world: int = 1) -> tuple[list[TokenStream], int, str]:
-    """Token streams, document count and text hash, as ``cache._read_and_tokenize`` gives them.
+def tokenize_lazily(cfg: CorpusConfig, tokenizer, settings, rank: int = 0, world: int = 1, src=None) -> tuple[list[TokenStream], int, str]:
+    """Token streams, document count and text hash, as ``tokenization._read_and_tokenize`` gives them.
 
     When ``shards_documents``, this rank tokenizes only documents ``rank, rank + world, ...``
     (every rank still reads all rows, for the hash); the caller gathers the streams."""
     mine = (lambda i: i % world == rank) if shards_documents(cfg, settings, world) else (lambda i: True)
     sha = hashlib.sha256()
-    docs = _documents(cfg)
+    docs = _documents(cfg, settings, src)
     count = 0
 
     def counted(rows):
@@ -227,5 +216,5 @@ def tokenize_lazily(cfg: CorpusConfig, tokenizer, settings, rank: int = 0, world
                 streams.append(stream)
             total += len(stream)
     if count == 0:
-        raise HarnessError("corpus: the corpus is empty (no text); check corpus.split, corpus.text_field and corpus.max_documents")
+        raise HarnessError(EMPTY)
     return streams, count, sha.hexdigest()

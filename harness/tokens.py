@@ -28,6 +28,7 @@ class TokenStream:
     domain: str | None = None
     count_bytes: int | None = None  # bytes of the whole original document (None once truncated)
     count_words: int | None = None  # its words, split lm-eval's way
+    targets: np.ndarray | None = None  # [k, 2] token spans [a, b) to score (conditional corpora), else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,7 +46,8 @@ def _utf8_byte_offsets(text: str) -> np.ndarray:
     return out
 
 
-def _char_starts(tokenizer, text: str, ids: list[int], offsets) -> np.ndarray:
+def char_starts(tokenizer, text: str, ids: list[int], offsets) -> np.ndarray:
+    """The character where each token begins (non-decreasing; token 0 begins at 0)."""
     if offsets is not None:
         starts = np.array([s for s, _ in offsets], dtype=np.int64)
     else:  # slow tokenizers have no offsets: lengths of progressively decoded prefixes
@@ -56,21 +58,35 @@ def _char_starts(tokenizer, text: str, ids: list[int], offsets) -> np.ndarray:
     return np.minimum(starts, len(text))
 
 
-def tokenize_document(tokenizer, doc: Document, index: int, add_special_tokens: bool) -> TokenStream:
+def encode(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], np.ndarray]:
+    """Token ids of ``text`` and the character where each begins."""
     enc = tokenizer(
-        doc.text,
+        text,
         add_special_tokens=add_special_tokens,
         return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)),
         return_attention_mask=False,
         verbose=False,
     )
     ids = list(enc["input_ids"])
-    starts = _char_starts(tokenizer, doc.text, ids, enc.get("offset_mapping"))
-    char_bounds = np.append(starts, len(doc.text))
-    byte_bounds = _utf8_byte_offsets(doc.text)[char_bounds]
-    word_starts = np.array([m.start() for m in _WORD.finditer(doc.text)], dtype=np.int64)
+    return ids, char_starts(tokenizer, text, ids, enc.get("offset_mapping"))
+
+
+def boundaries(text: str, char_bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and word counts at character boundaries of ``text`` (the last is ``len(text)``).
+
+    The one token-boundary rule: token ``i`` owns the bytes from its start to the next token's
+    (whitespace included), and ``word_bounds[i]`` counts the words (runs of non-space characters)
+    that begin before it; the last entry is the text's bytes and words."""
+    byte_bounds = _utf8_byte_offsets(text)[char_bounds]
+    word_starts = np.array([m.start() for m in _WORD.finditer(text)], dtype=np.int64)
     word_bounds = np.searchsorted(word_starts, char_bounds, side="left").astype(np.int64)
     word_bounds[-1] = len(word_starts)
+    return byte_bounds, word_bounds
+
+
+def tokenize_document(tokenizer, doc: Document, index: int, add_special_tokens: bool) -> TokenStream:
+    ids, starts = encode(tokenizer, doc.text, add_special_tokens)
+    byte_bounds, word_bounds = boundaries(doc.text, np.append(starts, len(doc.text)))
     # counted on the original text, lm-eval's way (PROTOCOLS.md section 4): used by presets that
     # count on the original document, whether or not a detokenizer changed it. lm-eval's split
     # counts one more "word" than there are when the text ends in whitespace; so do we.

@@ -284,3 +284,43 @@ def plan_paloma(n_tokens: int, max_length: int = 2048, doc: int = 0) -> list[Win
     ``t[2951:4999]``, scored ``[0,2048) [2048,4096) [4096,5000)``.
     """
     return plan_rolling(n_tokens, max_length, doc)
+
+
+def plan_targets(n_tokens: int, spans, max_length: int, doc: int = 0, piece: int | None = None) -> list[Window]:
+    """Windows that score only the target spans of a sample (conditional corpora, ``pairs``/``chat``).
+
+    ``spans`` are token spans ``[a, b)`` (non-overlapping, increasing, ``a >= 1``); every token
+    of every span is scored exactly once, each with the tokens before it as context:
+
+    - if the whole sample up to the span's last target fits in a window (``b - 1 <= L``), one
+      window, input ``t[0 : b-1]``, scores ``t[a : b]``: every target token sees all of the
+      sample before it (what one full forward of the sample gives);
+    - otherwise the span is cut into pieces of at most ``P`` tokens (``piece``, the config's
+      ``eval.stride``; default ``max(1, L // 2)``),
+      ``[a, a+P), [a+P, a+2P), ...``, and the piece ``[s, e)`` is scored by the window whose
+      input is the ``L`` tokens before its last target, ``t[max(0, e-1-L) : e-1]``: the most
+      recent context, at least ``L - P`` tokens of it for every scored token.
+
+    A window's input stops one token short of its last target (``score_end == end + 1``), as in
+    ``plan_rolling``. Worked example, ``N = 12``, spans ``[(3, 5), (8, 12)]``, ``L = 4``: span 1
+    fits (``5 - 1 <= 4``): input ``[0,4)`` scores ``[3,5)``; span 2 does not (``11 > 4``), ``P = 2``:
+    pieces ``[8,10)`` (input ``[5,9)``) and ``[10,12)`` (input ``[7,11)``).
+    """
+    _check_counts(n_tokens, max_length)
+    P = piece or max(1, max_length // 2)
+    if not 1 <= P <= max_length:
+        raise ValueError(f"the piece length must be in 1..{max_length}, got {P}")
+    windows: list[Window] = []
+    prev = 0
+    for a, b in spans:
+        a, b = int(a), int(b)
+        if not (1 <= a < b <= n_tokens and a >= prev):
+            raise ValueError(f"target spans must be increasing, non-overlapping, within 1..{n_tokens}; got [{a}, {b})")
+        prev = b
+        step = b - a if b - 1 <= max_length else P
+        s = a
+        while s < b:
+            e = min(b, s + step)
+            windows.append(Window(index=len(windows), doc=doc, begin=max(0, e - 1 - max_length), end=e - 1, score_begin=s, score_end=e))
+            s = e
+    return windows

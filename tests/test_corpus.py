@@ -83,3 +83,55 @@ def test_wikitext_detokenizer_rules():
     detok = load_documents(CorpusConfig(path=None, dataset="EleutherAI/wikitext_document_level", config="wikitext-2-raw-v1",
                                         text_field="page", detokenizer="wikitext", max_documents=1))[0]
     assert " @-@ " in detok.original and " @-@ " not in detok.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad corpus files: one line naming the file and what is wrong (files.py), streamed or not
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_corpus_files_are_one_line(tmp_path, streaming):
+    def fails(name: str, data: bytes | None, *needles: str) -> None:
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        with pytest.raises(HarnessError) as info:
+            load_documents(CorpusConfig(path=str(path), streaming=streaming))
+        msg = str(info.value)
+        assert "\n" not in msg and str(path) in msg, msg
+        for needle in needles:
+            assert needle in msg, msg
+
+    (tmp_path / "folder.jsonl").mkdir()
+    fails("folder.jsonl", None, "is a folder, not a file")
+    fails("missing.txt", None, "corpus.path: file not found")
+    fails("fake.parquet", b"this is not parquet at all", "not a valid Parquet file")
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["a b c"] * 5000}), good)
+    fails("truncated.parquet", good.read_bytes()[: good.stat().st_size // 2], "not a valid Parquet file")
+    fails("latin1.txt", "na\u00efve".encode("latin-1"), "not UTF-8")
+    fails("latin1.jsonl", b'{"text": "ok"}\n' + '{"text": "na\u00efve"}\n'.encode("latin-1"), "not UTF-8")
+    fails("bad.jsonl", b'{"text": "ok"}\n\n{"text": "cut', "line 3 is not valid JSON")
+    fails("list.jsonl", b'["text"]\n', "line 1 is a JSON list, not an object")
+    fails("c.csv", b"text\nx\n", "unsupported file type")
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "cols.parquet")
+    with pytest.raises(HarnessError, match="corpus.text_field: column 'text' not found; available columns: body"):
+        load_documents(CorpusConfig(path=str(tmp_path / "cols.parquet"), streaming=streaming))
+
+
+def test_cli_bad_parquet_exits_2_with_one_line(tmp_path, tiny):
+    from .test_errors import assert_nothing_written, assert_one_line_error, cli, write_config
+
+    folder, _, _ = tiny
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.yaml", {"model": {"name_or_path": str(folder), "device": "cpu"}, "corpus": {"path": str(fake)}})
+    proc = cli("run", str(cfg), "-o", str(results / "r"))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "corpus.path", str(fake), "not a valid Parquet file")
+    folder_cfg = write_config(tmp_path / "d.yaml", {"model": {"name_or_path": str(folder), "device": "cpu"}, "corpus": {"path": str(tmp_path)}})
+    proc = cli("run", str(folder_cfg), "-o", str(results / "r"))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "corpus.path", "is a folder")
+    assert_nothing_written(results)

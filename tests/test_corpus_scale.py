@@ -18,7 +18,7 @@ from harness.tokenization import tokenized_corpus
 from harness.config import validate
 from harness.distributed import find_batch_size
 from harness.models import adds_bos, load_model
-from harness.protocols import resolve
+from harness.protocols import resolve_corpus
 from harness.runner import run
 
 from .conftest import WIKITEXT, tiny_config
@@ -54,9 +54,7 @@ def same_record(a: dict, b: dict) -> None:
 
 
 def _tokens(cfg, tok):
-    early = resolve(cfg, adds_bos(tok), None)
-    corpus = cfg.corpus.model_copy(update={"mode": early.mode, "join": early.join, "detokenizer": early.detokenizer})
-    return tokenized_corpus(corpus, tok, early)
+    return tokenized_corpus(cfg.corpus, tok, resolve_corpus(cfg, adds_bos(tok)))
 
 
 def _assert_same_tokens(a, b) -> None:

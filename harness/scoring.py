@@ -10,8 +10,9 @@ once. Sums are kept in float64 by the caller.
 Windows are right-padded to the longest in the batch; under a causal mask a real position never
 attends to a later pad, so padding cannot change any number (the tests hold it to that).
 
-On a GPU the same code is the path a user expects: weights in bf16/fp16 (``model.dtype``) with
-the logits upcast so the log-sum-exp is float32; attention through PyTorch SDPA (transformers'
+Whatever the weights' dtype (``model.dtype``; ``auto`` picks bf16 where the device computes it
+natively, see ``precision.py``), the head's output and the log-sum-exp are float32: a bf16/fp16
+head writes float32 logits that were never rounded to its dtype. On a GPU: attention through PyTorch SDPA (transformers'
 default, kept unless ``model.attn_implementation`` says otherwise); length-sorted batches (the
 runner); inputs copied from pinned host memory without blocking, and NLLs kept on the device
 until the batch is done, so the host waits once per batch rather than once per chunk.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import compiled
+from . import compiled, precision
 from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
 from .resume import Finished
@@ -132,12 +133,16 @@ def head_logits(model, hidden: torch.Tensor, workspace: torch.Tensor | None = No
     transposed view: the big operand then is the matrix the BLAS kernel packs, and a reused
     buffer spares the kernel's page faults on half a gigabyte of fresh memory per chunk. On
     two CPU cores that is 1.2-1.5x the speed of ``h @ W.T`` into a new tensor (Gemma-3's 262k
-    vocabulary, 256 to 1024 rows; ``benchmarks/head_kernel.py``). Elsewhere, and for heads that
-    are not a plain float32 ``nn.Linear``, the head module runs as it is.
+    vocabulary, 256 to 1024 rows; ``benchmarks/head_kernel.py``). A bf16/fp16 ``nn.Linear`` head
+    gives float32 logits of its exact products (``precision.low_precision_head``). Other heads
+    run as the module is.
     """
     head = model.get_output_embeddings()
     weight = head.weight
-    if workspace is not None and _cpu_linear_head(head) and hidden.dtype == weight.dtype:
+    if type(head) is torch.nn.Linear and weight.dtype in precision.LOW:  # float32 output, never rounded
+        out = workspace[: weight.shape[0] * _padded(hidden.shape[0])] if workspace is not None else None
+        logits = precision.low_precision_head(head, hidden, out)
+    elif workspace is not None and _cpu_linear_head(head) and hidden.dtype == weight.dtype:
         m, vocab = hidden.shape[0], weight.shape[0]
         ld = _padded(m)  # an odd row count made the kernel 1.4x slower (unaligned stores)
         hidden = hidden.to(weight.device)
@@ -164,6 +169,11 @@ def _cpu_linear_head(head) -> bool:
     return type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
 
 
+def _workspace_head(head) -> bool:
+    """A CPU ``nn.Linear`` head whose logits go into a reused float32 buffer (float32 or bf16/fp16 weights)."""
+    return type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, *precision.LOW)
+
+
 def head_workspace(model, step: int) -> torch.Tensor | None:
     """A flat float32 buffer for ``step`` positions of logits, or None where it brings nothing.
 
@@ -172,7 +182,7 @@ def head_workspace(model, step: int) -> torch.Tensor | None:
     than once per chunk.
     """
     head = model.get_output_embeddings()
-    if not (uses_head_path(model) and _cpu_linear_head(head)):
+    if not (uses_head_path(model) and _workspace_head(head)):
         return None
     return torch.empty(head.weight.shape[0] * _padded(step), dtype=torch.float32)
 

@@ -41,7 +41,10 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (dequantized on load).")
     tokenizer: str | None = Field(None, description="Tokenizer source if not the model's own.")
     revision: str | None = None
-    dtype: Dtype = Field("float32", description="Weights dtype; log-softmax is always float32.")
+    dtype: Dtype = Field(
+        "auto", description="Body weights: auto (bf16 where the device computes it natively, else float32; see "
+        "precision.py), float32, float16 or bfloat16. Head output and log-sum-exp are always float32."
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     device_map: str | None = Field(None, description="'auto' spreads a large model over devices (accelerate).")
     attn_implementation: str | None = Field(None, description="sdpa, eager, ... (transformers' default if unset).")

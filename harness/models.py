@@ -168,9 +168,13 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         model = random_model(cfg).to(torch.float32 if cfg.dtype == "auto" else torch_dtype(cfg.dtype))
         model.to(device or pick_device(cfg.device)).eval()
         return quantize(model, cfg.quantize) if cfg.quantize else model
+
+    from .precision import resolve_dtype
+
     src = resolve(cfg)
+    device = device or pick_device(cfg.device)
     kwargs = {
-        "dtype": torch_dtype(cfg.dtype),
+        "dtype": resolve_dtype(cfg.dtype, device).dtype,
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,
     }
@@ -192,7 +196,7 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
         raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
     if not cfg.device_map:
-        model.to(device or pick_device(cfg.device))
+        model.to(device)
     model.eval()
     if not cfg.attn_implementation:  # Gemma-3's sliding layers: only the key blocks a query block sees
         attention.install(model)

@@ -186,11 +186,21 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
+        if cfg.max_memory:
+            kwargs["max_memory"] = cfg.max_memory
+        if cfg.offload_folder:
+            kwargs["offload_folder"] = cfg.offload_folder
     if not src.gguf_file:
         check_model_files(src.folder)
     try:
         with _gguf_parse(src, "model.gguf_file"):
             model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
+    except ValueError as err:
+        if "offload_folder" not in str(err):
+            raise
+        raise HarnessError(
+            "model.offload_folder: the model does not fit in model.max_memory; give a folder for the weights offloaded to disk"
+        ) from None
     except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""

@@ -20,6 +20,7 @@ until the batch is done, so the host waits once per batch rather than once per c
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass
@@ -95,7 +96,32 @@ def uses_head_path(model) -> bool:
 
 
 def input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    emb = model.get_input_embeddings()
+    dev = emb.weight.device
+    if dev.type == "meta":  # offloaded by accelerate (device_map + max_memory): where its hook runs it
+        dev = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or "cpu")
+    return dev
+
+
+@contextlib.contextmanager
+def loaded_head(model):
+    """The output head's weights in memory on its execution device while the block runs.
+
+    A head offloaded by accelerate (``device_map`` with ``max_memory``/``offload_folder``) keeps
+    its weight on the ``meta`` device and has its hook load it around each forward call; the
+    scorer reads the weight itself, so it asks the hook to load it once for all the chunks of a
+    batch and to offload it again afterwards. Other heads are left as they are.
+    """
+    head = model.get_output_embeddings()
+    hook = getattr(head, "_hf_hook", None)
+    if hook is None or head.weight.device.type != "meta":
+        yield
+        return
+    hook.pre_forward(head)
+    try:
+        yield
+    finally:
+        hook.post_forward(head, None)
 
 
 def to_device(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
@@ -216,10 +242,11 @@ def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None 
     """
     if uses_head_path(model):
         hidden = scored_hidden(model, batch)
-        if workspace is None:
-            workspace = head_workspace(model, min(step, hidden.shape[0]))
-        for s in range(0, hidden.shape[0], step):
-            yield slice(s, s + step), head_logits(model, hidden[s : s + step], workspace)
+        with loaded_head(model):
+            if workspace is None:
+                workspace = head_workspace(model, min(step, hidden.shape[0]))
+            for s in range(0, hidden.shape[0], step):
+                yield slice(s, s + step), head_logits(model, hidden[s : s + step], workspace)
         return
     dev = input_device(model)
     logits = model(

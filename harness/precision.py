@@ -75,24 +75,35 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def describe(model, requested: str, reason: str | None = None) -> dict:
-    """The record's ``precision`` section: body, head and log-sum-exp."""
+def describe(model, requested: str, device: str | torch.device) -> dict:
+    """The record's ``precision`` section: body, head and log-sum-exp, and why.
+
+    ``batch_invariant`` says whether the batch composition (batch size, length sorting, process
+    count) can change the last digits: not in float32 (the tests hold every batch size to 1e-6),
+    but a bf16/fp16 body rounds differently with the batch's shape and padding.
+    """
     body = next((p.dtype for p in model.base_model.parameters() if p.is_floating_point()), torch.float32)
     head = model.get_output_embeddings()
     hw = head.weight.dtype if head is not None else body
+    if requested == "auto":
+        auto = resolve_dtype("auto", device)
+        reason = auto.reason if auto.dtype == body else "model passed in as loaded"
+    else:
+        reason = "requested" if getattr(torch, requested) == body else "model passed in as loaded"
     return {
         "requested": requested,
         "body": _name(body),
-        "head": f"{_name(hw)} weights, float32 output" if hw in LOW else f"{_name(hw)}",
+        "head": f"{_name(hw)} weights, float32 output" if hw in LOW else _name(hw),
         "logsumexp": "float32",
-        "reason": reason or ("requested" if requested != "auto" else None),
+        "reason": reason,
+        "batch_invariant": body not in LOW,
     }
 
 
 def summary_line(precision: dict) -> str:
     p = precision
     why = f" ({p['reason']})" if p.get("reason") else ""
-    return f"precision: {p['requested']} -> body {p['body']}, head {p['head']}, log-sum-exp {p['logsumexp']}{why}"
+    return f"{p['requested']} -> body {p['body']}, head {p['head']}, log-sum-exp {p['logsumexp']}{why}"
 
 
 # ---------------------------------------------------------------------------------------------

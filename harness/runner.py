@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from . import compiled, protocols, record
+from . import compiled, precision, protocols, record
 from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
@@ -76,7 +76,8 @@ def run(
     settings = protocols.resolve(cfg, adds_bos(tokenizer), max_positions(model))
     compiled.enable(model, cfg.eval.compile, settings.max_length)
     windows = protocols.plan(settings, [len(s) for s in streams])
-    chash = record.config_hash(cfg, settings)
+    prec = precision.describe(model, cfg.model.dtype, input_device(model))
+    chash = record.config_hash(cfg, settings, prec)
 
     pair = None
     if cfg.baseline_model is not None:
@@ -122,7 +123,7 @@ def run(
             "peak_device_memory_bytes": dist.device_peaks({p.device for m in (model, baseline_model) if m is not None for p in m.parameters()}),
         },
         run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device)},
-        model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()),
+        model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()), precision=prec,
     )
     kl_rows = None
     if pair is not None:

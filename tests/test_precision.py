@@ -8,6 +8,7 @@ float32, never rounded to bf16 before the log-sum-exp.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,72 @@ def test_bf16_head_gives_float32_logits(tiny_bf16, chunk):
     assert logits.dtype == torch.float32
     exact = hidden.double() @ model.get_output_embeddings().weight.double().T
     torch.testing.assert_close(logits.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2):
+    """The session's float32 SmolLM2, copied and rounded to bf16 (what loading in bf16 gives)."""
+    model, tok = smollm2
+    return copy.deepcopy(model).to(torch.bfloat16).eval(), tok
+
+
+def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
+    """The fast number is the same number: bf16 body with the float32-output head against the
+    float32 run of the same config on a WikiText-2 slice, through the KL machinery (both models
+    over the same windows): |ΔPPL| / PPL <= 0.1% and mean KL <= 2e-3."""
+    from harness.config import validate
+    from harness.runner import run
+
+    from .conftest import SMOLLM2, WIKITEXT
+
+    f32, tok = smollm2
+    bf16, _ = smollm2_bf16
+    config = {
+        "model": {**SMOLLM2, "dtype": "bfloat16"},
+        "baseline_model": SMOLLM2,
+        "corpus": {**WIKITEXT, "max_tokens": 3072},
+        "eval": {"protocol": "sliding", "max_length": 1024, "stride": 512, "batch_size": 2, "bootstrap": 0},
+    }
+    r = run(validate(config), model=bf16, tokenizer=tok, baseline_model=f32, write=False, progress=False)
+    kl = r["kl"]
+    assert kl["tokens"] == r.scored_tokens == 3071
+    assert abs(kl["ppl_model"] / kl["ppl_base"] - 1) <= 1e-3, kl
+    assert kl["mean"] <= 2e-3, kl
+    assert math.isclose(r.perplexity, kl["ppl_model"], rel_tol=1e-6)
+    assert r["precision"] == {**r["precision"], "body": "bfloat16", "head": "bfloat16 weights, float32 output", "logsumexp": "float32"}
+    print(f"\nSmolLM2 bf16 vs float32: PPL {kl['ppl_model']:.4f} vs {kl['ppl_base']:.4f} "
+          f"({kl['ppl_model'] / kl['ppl_base'] - 1:+.2e}), mean KL {kl['mean']:.2e}, top-1 {kl['top1_agreement']:.4f}")
+
+
+def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny_corpus):
+    """The record's precision section; config_hash ignores batching in float32 (the numbers
+    cannot move) but not in bf16 (the batch composition moves the last digits), and hashes the
+    dtype ``auto`` resolved to."""
+    from harness.config import validate
+    from harness.runner import run
+
+    from .conftest import tiny_config
+
+    folder, f32, tok = tiny
+    bf16, _ = tiny_bf16
+
+    def go(model, dtype, batch):
+        cfg = tiny_config(folder, tiny_corpus, batch_size=batch)
+        cfg["model"]["dtype"] = dtype
+        return run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
+
+    a, b = go(f32, "float32", 1), go(f32, "float32", 3)
+    assert a["precision"] == {"requested": "float32", "body": "float32", "head": "float32", "logsumexp": "float32",
+                              "reason": "requested", "batch_invariant": True}
+    assert a["config_hash"] == b["config_hash"]
+    c, d = go(bf16, "bfloat16", 1), go(bf16, "bfloat16", 3)
+    assert c["precision"] == {"requested": "bfloat16", "body": "bfloat16", "head": "bfloat16 weights, float32 output",
+                              "logsumexp": "float32", "reason": "requested", "batch_invariant": False}
+    assert c["config_hash"] != d["config_hash"]
+    e, f = go(f32, "auto", 1), go(bf16, "auto", 1)
+    assert e["config_hash"] != f["config_hash"]  # same config, different resolved body dtype
+    native = bool(_cpuinfo_flags() & {"amx_bf16", "avx512_bf16"})
+    assert f["precision"]["reason"] == ("cpu amx_bf16" if native else "model passed in as loaded")
+    assert precision.summary_line(c["precision"]) == (
+        "bfloat16 -> body bfloat16, head bfloat16 weights, float32 output, log-sum-exp float32 (requested)"
+    )

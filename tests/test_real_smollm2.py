@@ -27,6 +27,7 @@ def test_default_config_through_the_cli(tmp_path, smollm2):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "perplexity" in proc.stdout and "record:" in proc.stdout
+    assert "precision  float32 -> body float32, head float32, log-sum-exp float32 (requested)" in proc.stdout
     record = json.loads((out / "result.json").read_text())
     assert record["corpus"]["text_sha256"] == WIKITEXT2_TEST_SHA256
     assert record["protocol"] == {**record["protocol"], "protocol": "sliding", "max_length": 512, "stride": 256, "mode": "concat", "join": "\n\n"}

@@ -144,7 +144,9 @@ def low_precision_head(head: torch.nn.Module, hidden: torch.Tensor, out: torch.T
     w = head.weight
     h = hidden.to(w.device)
     if w.device.type == "cpu":
-        w32 = head_weight32(head)
+        # an offloaded head (accelerate hook) is in memory only while it runs: no lasting copy
+        offloaded = getattr(getattr(head, "_hf_hook", None), "offload", False)
+        w32 = w.float() if offloaded else head_weight32(head)
         h32 = h.float()
         native = w.dtype == torch.bfloat16 and cpu_bf16_flags()
         with bf16_products() if native else contextlib.nullcontext():

@@ -12,9 +12,9 @@ attends to a later pad, so padding cannot change any number (the tests hold it t
 
 Whatever the weights' dtype (``model.dtype``; ``auto`` picks bf16 where the device computes it
 natively, see ``precision.py``), the head's output and the log-sum-exp are float32: a bf16/fp16
-head writes float32 logits that were never rounded to its dtype. On a GPU: attention through PyTorch SDPA (transformers'
-default, kept unless ``model.attn_implementation`` says otherwise); length-sorted batches (the
-runner); inputs copied from pinned host memory without blocking, and NLLs kept on the device
+head writes float32 logits that were never rounded to its dtype. On a GPU: attention through
+PyTorch SDPA (transformers' default, kept unless ``model.attn_implementation`` says otherwise);
+length-sorted batches (the runner); inputs copied from pinned host memory without blocking, and NLLs kept on the device
 until the batch is done, so the host waits once per batch rather than once per chunk.
 """
 

@@ -197,7 +197,8 @@ def _cpu_linear_head(head) -> bool:
 
 def _workspace_head(head) -> bool:
     """A CPU ``nn.Linear`` head whose logits go into a reused float32 buffer (float32 or bf16/fp16 weights)."""
-    return type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype in (torch.float32, *precision.LOW)
+    w = head.weight
+    return type(head) is torch.nn.Linear and w.device.type == "cpu" and w.dtype in (torch.float32, *precision.LOW)
 
 
 def head_workspace(model, step: int) -> torch.Tensor | None:

@@ -104,7 +104,9 @@ def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
     assert abs(kl["ppl_model"] / kl["ppl_base"] - 1) <= 1e-3, kl
     assert kl["mean"] <= 2e-3, kl
     assert math.isclose(r.perplexity, kl["ppl_model"], rel_tol=1e-6)
-    assert r["precision"] == {**r["precision"], "body": "bfloat16", "head": "bfloat16 weights, float32 output", "logsumexp": "float32"}
+    assert r["precision"] == {
+        **r["precision"], "body": "bfloat16", "head": "bfloat16 weights, float32 output", "logsumexp": "float32",
+    }
     print(f"\nSmolLM2 bf16 vs float32: PPL {kl['ppl_model']:.4f} vs {kl['ppl_base']:.4f} "
           f"({kl['ppl_model'] / kl['ppl_base'] - 1:+.2e}), mean KL {kl['mean']:.2e}, top-1 {kl['top1_agreement']:.4f}")
 

@@ -87,12 +87,15 @@ def run_cmd(
         raise typer.Exit(128 + received.get("signal", signal.SIGINT)) from None
     if result.run_dir is None:
         return  # not the main process
+    from .precision import summary_line
+
     r = result.record
     lo, hi = r["ci95"] or (float("nan"), float("nan"))
     p = r["protocol"]
     rows = [
         ("protocol", f"{p['protocol']} (L={p['max_length']}, S={p['stride']}, bos={p['bos']}, {p['mode']})"),
         ("perplexity", f"{r['perplexity']:.4f}  (95% CI {lo:.4f} .. {hi:.4f})"),
+        *([("precision", summary_line(r["precision"]))] if r.get("precision") else []),
         ("scored tokens", f"{r['scored_tokens']:,} in {r['windows']:,} windows"),
         ("bits per byte", f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a"),
         ("word perplexity", f"{r['word_perplexity']:.4f}" if r["word_perplexity"] is not None else "n/a"),

@@ -3,6 +3,8 @@
 Records are views on disk (``result.json`` and the ``windows.parquet`` beside it), so a
 comparison never re-runs a model. Perplexity is only comparable between runs that scored the
 *same tokens*: the same tokenizer, the same corpus text and length, the same protocol settings.
+Precision is not among them: comparing a bf16 run with a float32 one is what comparing is for;
+it is shown as the ``precision`` column (the body's dtype; the logits are float32 in both).
 ``check_comparable`` refuses anything else and names the field that differs. Bits per byte
 divides by the bytes of the scored text instead of a token count, so it compares models with
 different tokenizers (``across_tokenizers=True``), as long as the corpus and protocol match.
@@ -275,6 +277,14 @@ def _pick_baseline(runs: list[Run], baseline: str | None) -> Run:
 KL_DETAILS = ["median", "p90", "p99", "max", "rms_delta_p", "ppl_ratio"]
 
 
+def _precision(record: dict) -> str | None:
+    """The body's dtype (and ``auto`` when it was resolved): a setting runs may differ in, shown."""
+    p = record.get("precision")
+    if p is None:  # records made before the precision section
+        return ((record.get("config") or {}).get("model") or {}).get("dtype")
+    return p["body"] + (" (auto)" if p.get("requested") == "auto" else "")
+
+
 def _row(run: Run, kl_details: bool = False) -> dict:
     r, cfg = run.record, run.record.get("config") or {}
     model = cfg.get("model") or {}
@@ -282,7 +292,7 @@ def _row(run: Run, kl_details: bool = False) -> dict:
     return {
         "run": run.label,
         "model": model.get("gguf_file") or model.get("name_or_path"),
-        "dtype": model.get("dtype"),
+        "precision": _precision(r),
         "quantize": model.get("quantize") or "-",
         "scored_tokens": r.get("scored_tokens"),
         "perplexity": r.get("perplexity"),

@@ -41,9 +41,17 @@ class ModelConfig(_Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path (dequantized on load).")
     tokenizer: str | None = Field(None, description="Tokenizer source if not the model's own.")
     revision: str | None = None
-    dtype: Dtype = Field("float32", description="Weights dtype; log-softmax is always float32.")
+    dtype: Dtype = Field(
+        "auto", description="Body weights: auto (bf16 where the device computes it natively, else float32; see "
+        "precision.py), float32, float16 or bfloat16. Head output and log-sum-exp are always float32."
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     device_map: str | None = Field(None, description="'auto' spreads a large model over devices (accelerate).")
+    max_memory: dict[Union[int, str], Union[int, str]] | None = Field(
+        None, description="With device_map: the most memory per device, e.g. {cpu: 300MB} or {0: 10GiB, cpu: 30GiB}; "
+        "what does not fit is offloaded to disk (offload_folder)."
+    )
+    offload_folder: str | None = Field(None, description="With device_map: where weights offloaded to disk are kept.")
     attn_implementation: str | None = Field(None, description="sdpa, eager, ... (transformers' default if unset).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless set.")
     allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors/GGUF otherwise.")
@@ -69,6 +77,28 @@ class ModelConfig(_Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
             raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
         return v
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v: dict | None) -> dict | None:
+        if v is None:
+            return v
+        out: dict = {}
+        for key, size in v.items():
+            if isinstance(key, str) and key.isdigit():
+                key = int(key)
+            if not (isinstance(key, int) or key in ("cpu", "mps", "disk")):
+                raise ValueError(f"device '{key}' must be a GPU index (0, 1, ...), cpu, mps or disk")
+            if not (isinstance(size, int) or re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)", str(size))):
+                raise ValueError(f"size of '{key}' must be bytes or a size such as 300MB or 10GiB")
+            out[key] = size
+        return out
+
+    @model_validator(mode="after")
+    def _offload(self) -> "ModelConfig":
+        if (self.max_memory or self.offload_folder) and self.device_map is None:
+            raise ValueError("max_memory and offload_folder place a model by device_map; set device_map: auto")
+        return self
 
     @model_validator(mode="after")
     def _quantize(self) -> "ModelConfig":

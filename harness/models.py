@@ -168,9 +168,13 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         model = random_model(cfg).to(torch.float32 if cfg.dtype == "auto" else torch_dtype(cfg.dtype))
         model.to(device or pick_device(cfg.device)).eval()
         return quantize(model, cfg.quantize) if cfg.quantize else model
+
+    from .precision import resolve_dtype
+
     src = resolve(cfg)
+    device = device or pick_device(cfg.device)
     kwargs = {
-        "dtype": torch_dtype(cfg.dtype),
+        "dtype": resolve_dtype(cfg.dtype, device).dtype,
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,
     }
@@ -182,17 +186,27 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
+        if cfg.max_memory:
+            kwargs["max_memory"] = cfg.max_memory
+        if cfg.offload_folder:
+            kwargs["offload_folder"] = cfg.offload_folder
     if not src.gguf_file:
         check_model_files(src.folder)
     try:
         with _gguf_parse(src, "model.gguf_file"):
             model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
+    except ValueError as err:
+        if "offload_folder" not in str(err):
+            raise
+        raise HarnessError(
+            "model.offload_folder: the model does not fit in model.max_memory; give a folder for the weights offloaded to disk"
+        ) from None
     except OSError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
         raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
     if not cfg.device_map:
-        model.to(device or pick_device(cfg.device))
+        model.to(device)
     model.eval()
     if not cfg.attn_implementation:  # Gemma-3's sliding layers: only the key blocks a query block sees
         attention.install(model)

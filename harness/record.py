@@ -56,12 +56,20 @@ class Result:
 CONDITIONAL_KEYS = ("format", "prompt_field", "target_field", "separator", "as_chat", "messages_field", "score_roles", "chat_template")
 
 
-def config_hash(cfg: RunConfig, settings) -> str:
-    """Hash of everything that decides the number (not where it is written, nor its label)."""
+def config_hash(cfg: RunConfig, settings, precision: dict | None = None) -> str:
+    """Hash of everything that decides the number (not where it is written, nor its label).
+
+    ``precision`` (the record's section): the body dtype ``auto`` resolved to is hashed, and in
+    bf16/fp16, where the batch composition changes the last digits, so are the batching keys.
+    """
     payload = cfg.model_dump(mode="json", exclude={"output": True, "name": True})
-    payload["eval"].pop("sort_by_length", None)  # batching order cannot change a number
-    payload["eval"].pop("batch_size", None)
-    payload["eval"].pop("max_batch_size", None)
+    payload["model"].pop("offload_folder", None)  # where offloaded weights wait cannot change a number
+    if precision is None or precision["batch_invariant"]:
+        payload["eval"].pop("sort_by_length", None)  # in float32 batching cannot change a number
+        payload["eval"].pop("batch_size", None)
+        payload["eval"].pop("max_batch_size", None)
+    if precision is not None:
+        payload["precision_body"] = precision["body"]
     for key in ("streaming", "cache"):  # how the corpus is read cannot change a number either
         payload["corpus"].pop(key, None)
     if payload["corpus"].get("format", "text") == "text":  # conditional keys, unused by plain text
@@ -160,7 +168,7 @@ def corpus_section(cfg: RunConfig, corpus, documents_mode: bool) -> dict:
 
 
 def build(*, run_id: str, cfg: RunConfig, settings, chash: str, records: list[WindowRecord], timing: dict,
-          run: dict, model, tokenizer, corpus, versions: dict) -> dict:
+          run: dict, model, tokenizer, corpus, versions: dict, precision: dict | None = None) -> dict:
     """The whole record. ``timing``: tokens/s, wall and stage seconds, memory; ``run``: batch
     size, world size, resumed windows, device."""
     return {
@@ -173,6 +181,7 @@ def build(*, run_id: str, cfg: RunConfig, settings, chash: str, records: list[Wi
         "protocol": settings.as_dict(),
         "config": cfg.model_dump(mode="json"),
         "config_hash": chash,
+        "precision": precision,
         "model": model_section(model),
         "tokenizer": tokenizer_section(tokenizer),
         "corpus": corpus_section(cfg, corpus, settings.mode == "documents"),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import ModelConfig, RunConfig, _format_errors
 from .errors import ConfigError, HarnessError
@@ -64,6 +64,14 @@ class Entry(BaseModel):
     )
     notes: str | None = None
     run: RunConfig
+
+    @model_validator(mode="after")
+    def _pinned_precision(self) -> "Entry":
+        # a figure was made at one precision; `auto` would change it with the machine
+        for key, m in (("run.model", self.run.model), ("run.baseline_model", self.run.baseline_model)):
+            if m is not None and m.dtype == "auto":
+                raise ValueError(f"{key}.dtype: pin the precision the figure was made at (e.g. float32), not auto")
+        return self
 
 
 def registry_dir(path: str | Path | None = None) -> Traversable:

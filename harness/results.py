@@ -121,7 +121,7 @@ def table_row(record: dict) -> dict:
         "name": record.get("name"),
         "model": cfg.get("model", {}).get("name_or_path"),
         "gguf_file": cfg.get("model", {}).get("gguf_file"),
-        "dtype": cfg.get("model", {}).get("dtype"),
+        "dtype": (record.get("precision") or {}).get("body") or cfg.get("model", {}).get("dtype"),  # auto resolved
         "corpus": _corpus_label(cfg),
         "protocol": proto.get("protocol"),
         "max_length": proto.get("max_length"),

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from . import compiled, protocols, record
+from . import compiled, precision, protocols, record
 from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
@@ -77,7 +77,8 @@ def run(
     settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     compiled.enable(model, cfg.eval.compile, settings.max_length)
     windows = protocols.plan_streams(settings, streams)
-    chash = record.config_hash(cfg, settings)
+    prec = precision.describe(model, cfg.model.dtype, input_device(model))
+    chash = record.config_hash(cfg, settings, prec)
     rid = record.run_id(cfg, settings, chash, output_dir)
     run_dir = Path(output_dir) if output_dir else root / rid
 
@@ -136,7 +137,7 @@ def run(
             "peak_device_memory_bytes": dist.device_peaks({p.device for m in (model, baseline_model) if m is not None for p in m.parameters()}),
         },
         run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device)},
-        model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()),
+        model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()), precision=prec,
     )
     kl_rows = None
     if pair is not None:

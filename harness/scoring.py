@@ -10,15 +10,17 @@ once. Sums are kept in float64 by the caller.
 Windows are right-padded to the longest in the batch; under a causal mask a real position never
 attends to a later pad, so padding cannot change any number (the tests hold it to that).
 
-On a GPU the same code is the path a user expects: weights in bf16/fp16 (``model.dtype``) with
-the logits upcast so the log-sum-exp is float32; attention through PyTorch SDPA (transformers'
-default, kept unless ``model.attn_implementation`` says otherwise); length-sorted batches (the
-runner); inputs copied from pinned host memory without blocking, and NLLs kept on the device
+Whatever the weights' dtype (``model.dtype``; ``auto`` picks bf16 where the device computes it
+natively, see ``precision.py``), the head's output and the log-sum-exp are float32: a bf16/fp16
+head writes float32 logits that were never rounded to its dtype. On a GPU: attention through
+PyTorch SDPA (transformers' default, kept unless ``model.attn_implementation`` says otherwise);
+length-sorted batches (the runner); inputs copied from pinned host memory without blocking, and NLLs kept on the device
 until the batch is done, so the host waits once per batch rather than once per chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import compiled
+from . import compiled, precision
 from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
 from .resume import Finished
@@ -94,7 +96,32 @@ def uses_head_path(model) -> bool:
 
 
 def input_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    emb = model.get_input_embeddings()
+    dev = emb.weight.device
+    if dev.type == "meta":  # offloaded by accelerate (device_map + max_memory): where its hook runs it
+        dev = torch.device(getattr(getattr(emb, "_hf_hook", None), "execution_device", None) or "cpu")
+    return dev
+
+
+@contextlib.contextmanager
+def loaded_head(model):
+    """The output head's weights in memory on its execution device while the block runs.
+
+    A head offloaded by accelerate (``device_map`` with ``max_memory``/``offload_folder``) keeps
+    its weight on the ``meta`` device and has its hook load it around each forward call; the
+    scorer reads the weight itself, so it asks the hook to load it once for all the chunks of a
+    batch and to offload it again afterwards. Other heads are left as they are.
+    """
+    head = model.get_output_embeddings()
+    hook = getattr(head, "_hf_hook", None)
+    if hook is None or head.weight.device.type != "meta":
+        yield
+        return
+    hook.pre_forward(head)
+    try:
+        yield
+    finally:
+        hook.post_forward(head, None)
 
 
 def to_device(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
@@ -132,12 +159,16 @@ def head_logits(model, hidden: torch.Tensor, workspace: torch.Tensor | None = No
     transposed view: the big operand then is the matrix the BLAS kernel packs, and a reused
     buffer spares the kernel's page faults on half a gigabyte of fresh memory per chunk. On
     two CPU cores that is 1.2-1.5x the speed of ``h @ W.T`` into a new tensor (Gemma-3's 262k
-    vocabulary, 256 to 1024 rows; ``benchmarks/head_kernel.py``). Elsewhere, and for heads that
-    are not a plain float32 ``nn.Linear``, the head module runs as it is.
+    vocabulary, 256 to 1024 rows; ``benchmarks/head_kernel.py``). A bf16/fp16 ``nn.Linear`` head
+    gives float32 logits of its exact products (``precision.low_precision_head``). Other heads
+    run as the module is.
     """
     head = model.get_output_embeddings()
     weight = head.weight
-    if workspace is not None and _cpu_linear_head(head) and hidden.dtype == weight.dtype:
+    if type(head) is torch.nn.Linear and weight.dtype in precision.LOW:  # float32 output, never rounded
+        out = workspace[: weight.shape[0] * _padded(hidden.shape[0])] if workspace is not None else None
+        logits = precision.low_precision_head(head, hidden, out)
+    elif workspace is not None and _cpu_linear_head(head) and hidden.dtype == weight.dtype:
         m, vocab = hidden.shape[0], weight.shape[0]
         ld = _padded(m)  # an odd row count made the kernel 1.4x slower (unaligned stores)
         hidden = hidden.to(weight.device)
@@ -164,6 +195,12 @@ def _cpu_linear_head(head) -> bool:
     return type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32
 
 
+def _workspace_head(head) -> bool:
+    """A CPU ``nn.Linear`` head whose logits go into a reused float32 buffer (float32 or bf16/fp16 weights)."""
+    w = head.weight
+    return type(head) is torch.nn.Linear and w.device.type == "cpu" and w.dtype in (torch.float32, *precision.LOW)
+
+
 def head_workspace(model, step: int) -> torch.Tensor | None:
     """A flat float32 buffer for ``step`` positions of logits, or None where it brings nothing.
 
@@ -172,7 +209,7 @@ def head_workspace(model, step: int) -> torch.Tensor | None:
     than once per chunk.
     """
     head = model.get_output_embeddings()
-    if not (uses_head_path(model) and _cpu_linear_head(head)):
+    if not (uses_head_path(model) and _workspace_head(head)):
         return None
     return torch.empty(head.weight.shape[0] * _padded(step), dtype=torch.float32)
 
@@ -206,10 +243,11 @@ def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None 
     """
     if uses_head_path(model):
         hidden = scored_hidden(model, batch)
-        if workspace is None:
-            workspace = head_workspace(model, min(step, hidden.shape[0]))
-        for s in range(0, hidden.shape[0], step):
-            yield slice(s, s + step), head_logits(model, hidden[s : s + step], workspace)
+        with loaded_head(model):
+            if workspace is None:
+                workspace = head_workspace(model, min(step, hidden.shape[0]))
+            for s in range(0, hidden.shape[0], step):
+                yield slice(s, s + step), head_logits(model, hidden[s : s + step], workspace)
         return
     dev = input_device(model)
     logits = model(

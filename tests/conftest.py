@@ -90,7 +90,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 def tiny_config(folder: Path, corpus: Path, **eval_kwargs) -> dict:
     return {
-        "model": {"name_or_path": str(folder), "device": "cpu"},
+        "model": {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"},
         "corpus": {"path": str(corpus), "text_field": "text"},
         "eval": {"protocol": "sliding", "max_length": 32, "stride": 16, "bootstrap": 50, **eval_kwargs},
     }

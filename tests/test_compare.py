@@ -156,6 +156,23 @@ def test_compare_table_and_paired_test(two_runs, tmp_path):
     assert png in paths and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 2000
 
 
+def test_compare_precision_is_a_column_not_a_refusal(tiny, tiny_corpus, two_runs, tmp_path):
+    """A bf16 run compares with a float32 run of the same config; the table shows each one's precision."""
+    import copy
+
+    import torch
+
+    root, a, _ = two_runs
+    folder, model, tok = tiny
+    data = tiny_config(folder, tiny_corpus, max_length=32, stride=16)
+    data.update(name="A-bf16")
+    data["model"]["dtype"] = "auto"
+    run(validate(data), tmp_path / "bf16", model=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tok, progress=False)
+    t = compare([str(root / "a"), str(tmp_path / "bf16")], baseline="A", samples=100).table.set_index("run")
+    assert t.loc["A", "precision"] == "float32" and t.loc["A-bf16", "precision"] == "bfloat16 (auto)"
+    assert t.loc["A-bf16", "test"].startswith("paired bootstrap")
+
+
 def test_compare_plot_data(two_runs, tmp_path):
     from harness.plots import plot_compare
 

@@ -170,14 +170,52 @@ def test_batch_size_backs_off_on_out_of_memory():
     assert tried[0] == 16 and tried[-1] == 5 and tried == sorted(tried, reverse=True)
 
 
-def test_device_map_auto_equals_plain_placement(tiny, tiny_corpus, one_thread):
-    folder, model, tok = tiny
-    config = tiny_config(folder, tiny_corpus)
-    config["model"].update(device_map="auto", dtype="float32")
+@pytest.fixture(scope="module")
+def wide_head_model(tiny, tmp_path_factory):
+    """A tiny Llama with a 4,096-token vocabulary and hidden size 64: embedding and head are 1 MiB
+    each, a layer 0.15 MiB, so a memory cap can put the head and some layers off the CPU."""
+    from .conftest import build_tiny_model
+
+    _, _, tok = tiny
+    folder = tmp_path_factory.mktemp("wide-head")
+    tok.save_pretrained(folder)
+    return folder, build_tiny_model(folder, 4096, seed=1, hidden=64), tok
+
+
+def test_device_map_offload_to_disk_equals_plain_run(wide_head_model, tiny_corpus, tmp_path, one_thread):
+    """device_map: auto with max_memory and offload_folder: the head and a layer on disk (their
+    weights on the meta device, loaded by accelerate's hooks), the numbers those of the plain run."""
+    folder, plain, tok = wide_head_model
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    # accelerate keeps room for the largest layer (the head) on the CPU besides what it places
+    # there: the embedding and the first layer fit, the rest goes to disk
+    cap = nbytes(plain.model.embed_tokens) + nbytes(plain.lm_head) + nbytes(plain.model.layers[0]) + 4096
+    config = tiny_config(folder, tiny_corpus, batch_size=3)
+    config["model"].update(device_map="auto", max_memory={"cpu": cap}, offload_folder=str(tmp_path / "offload"))
     cfg = validate(config)
-    spread = load_model(cfg.model)  # placed by accelerate's big-model loading (all on the CPU here)
-    assert {p.device.type for p in spread.parameters()} == {"cpu"}
+    spread = load_model(cfg.model)
+    where = spread.hf_device_map
+    assert where["lm_head"] == "disk" and where["model.layers.1"] == "disk", where
+    assert where["model.embed_tokens"] == "cpu" and where["model.layers.0"] == "cpu", where
+    assert spread.lm_head.weight.device.type == "meta" and spread.model.layers[1].mlp.up_proj.weight.device.type == "meta"
     a = run(cfg, model=spread, tokenizer=tok, write=False, progress=False)
-    b = run(validate(tiny_config(folder, tiny_corpus)), model=model, tokenizer=tok, write=False, progress=False)
-    assert a.scored_tokens == b.scored_tokens
+    b = run(validate(tiny_config(folder, tiny_corpus, batch_size=3)), model=plain, tokenizer=tok, write=False, progress=False)
+    assert a.scored_tokens == b.scored_tokens > 100
     assert math.isclose(a["sum_nll"], b["sum_nll"], rel_tol=1e-6)
+    np.testing.assert_allclose(a.windows["sum_nll"], b.windows["sum_nll"], rtol=1e-6)
+    assert spread.lm_head.weight.device.type == "meta"  # offloaded again after use
+
+
+def test_offload_keys_need_device_map(tiny, tiny_corpus):
+    from harness.errors import ConfigError
+
+    folder, _, _ = tiny
+    config = tiny_config(folder, tiny_corpus)
+    config["model"]["max_memory"] = {"cpu": "300MB"}
+    with pytest.raises(ConfigError, match="max_memory and offload_folder place a model by device_map"):
+        validate(config)
+    config["model"].update(device_map="auto", max_memory={"cpu": "lots", 0: "10GiB"})
+    with pytest.raises(ConfigError, match="size of 'cpu' must be bytes or a size"):
+        validate(config)
+    config["model"]["max_memory"] = {"0": "10GiB", "cpu": "30GiB"}
+    assert validate(config).model.max_memory == {0: "10GiB", "cpu": "30GiB"}

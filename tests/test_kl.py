@@ -107,7 +107,7 @@ def test_pair_token_stats_match_full_logits(tiny, perturbed, tiny_corpus, logits
 
 def test_model_against_itself(tiny, tiny_corpus):
     folder, model, tok = tiny
-    cfg = validate({**tiny_config(folder, tiny_corpus, batch_size=3), "baseline_model": {"name_or_path": str(folder), "device": "cpu"}})
+    cfg = validate({**tiny_config(folder, tiny_corpus, batch_size=3), "baseline_model": {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"}})
     res = run(cfg, model=model, tokenizer=tok, baseline_model=model, write=False, progress=False)
     kl = res["kl"]
     assert kl["mean"] == 0 and kl["max"] == 0 and kl["median"] == 0
@@ -119,7 +119,7 @@ def test_kl_mode_in_the_runner(tiny, perturbed, tiny_corpus, tmp_path):
     """model = perturbed copy, baseline_model = the tiny model; loaded from the config by the runner."""
     folder, model, tok = tiny
     data = tiny_config(perturbed[0], tiny_corpus, batch_size=4)
-    data["baseline_model"] = {"name_or_path": str(folder), "device": "cpu"}
+    data["baseline_model"] = {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"}
     res = run(validate(data), tmp_path / "kl", progress=False)
     kl = res["kl"]
     for key in KL_KEYS:
@@ -171,7 +171,7 @@ def test_dynamic_int8_config(tiny, tiny_corpus):
         validate({**tiny_config(folder, tiny_corpus), "model": {"name_or_path": str(folder), "quantize": "dynamic-int8", "dtype": "bfloat16"}})
     data = tiny_config(folder, tiny_corpus)
     data["model"]["quantize"] = "dynamic-int8"
-    data["baseline_model"] = {"name_or_path": str(folder), "device": "cpu"}
+    data["baseline_model"] = {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"}
     cfg = validate(data)
     q = load_model(cfg.model)
     body = list(q.model.modules())

@@ -22,11 +22,12 @@ def test_default_config_through_the_cli(tmp_path, smollm2):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PPL_CORPUS_MIRROR": str(MIRROR)}
     proc = subprocess.run(
         [sys.executable, "-m", "harness", "run", "configs/smollm2-wikitext2.yaml", "corpus.max_tokens=1200",
-         "eval.max_length=512", "eval.stride=256", "-o", str(out), "--no-progress"],
+         "eval.max_length=512", "eval.stride=256", "model.dtype=float32", "-o", str(out), "--no-progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "perplexity" in proc.stdout and "record:" in proc.stdout
+    assert "precision  float32 -> body float32, head float32, log-sum-exp float32 (requested)" in proc.stdout
     record = json.loads((out / "result.json").read_text())
     assert record["corpus"]["text_sha256"] == WIKITEXT2_TEST_SHA256
     assert record["protocol"] == {**record["protocol"], "protocol": "sliding", "max_length": 512, "stride": 256, "mode": "concat", "join": "\n\n"}

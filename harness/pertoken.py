@@ -38,7 +38,7 @@ class TokenWriter:
         self.writer = pq.ParquetWriter(self.tmp, SCHEMA)
         self.rows = 0
 
-    def add(self, finished) -> None:
+    def append(self, finished) -> None:
         """Write the scored tokens of some finished windows (``resume.Finished``) as one row group."""
         docs, pos, ids, nlls = [], [], [], []
         for f in finished:
@@ -56,7 +56,11 @@ class TokenWriter:
         self.writer.write_table(pa.table([np.concatenate(docs), np.concatenate(pos), ids_all, text, np.concatenate(nlls)], schema=SCHEMA))
         self.rows += len(ids_all)
 
-    def finish(self) -> Path:
+    def close(self, keep: bool) -> Path | None:
+        """Put ``tokens.parquet`` in place (``keep``), or remove the partial file (a failed run)."""
+        if not keep:
+            self.abort()
+            return None
         self.writer.close()
         path = self.folder / TOKENS
         os.replace(self.tmp, path)
@@ -67,22 +71,3 @@ class TokenWriter:
             self.writer.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
-
-
-def callback(writer: TokenWriter | None, gather, is_padding):
-    """An ``on_batch`` callback: every rank's finished windows gathered, the main rank writes."""
-
-    def on_batch(finished) -> None:
-        everyone = [f for part in gather([finished]) for f in part if not is_padding(f.record)]
-        if writer is not None:
-            writer.add(everyone)
-
-    return on_batch
-
-
-def chain(*callbacks):
-    """One ``on_batch`` that calls each given callback (None ones skipped), or None if there are none."""
-    live = [c for c in callbacks if c is not None]
-    if not live:
-        return None
-    return lambda finished: [c(finished) for c in live] and None

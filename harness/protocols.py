@@ -59,7 +59,7 @@ context (``S`` is the piece length of a target longer than the window, default `
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 from . import windows as W
@@ -133,21 +133,14 @@ class CorpusSettings:
     format: str = "text"  # text, or a conditional corpus (pairs, chat): only target spans are scored
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything that decides which tokens are scored with which context; recorded in results."""
+@dataclass(frozen=True, kw_only=True)
+class Settings(CorpusSettings):
+    """Everything that decides which tokens are scored with which context; recorded in results:
+    the corpus side, plus the window length and stride (pairs/chat: windows from
+    ``windows.plan_targets``, L from the protocol, S the piece length of a long target)."""
 
-    protocol: str
     max_length: int
     stride: int
-    bos: str
-    mode: str
-    join: str
-    detokenizer: str
-    add_special_tokens: bool
-    counts_on: str
-    prefix_token: str | None  # "bos" or "eos" for presets that put a prefix token first
-    format: str = "text"  # pairs/chat: windows from windows.plan_targets, L from the protocol
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -157,8 +150,7 @@ class Settings:
 
     @property
     def corpus(self) -> CorpusSettings:
-        return CorpusSettings(self.protocol, self.bos, self.mode, self.join, self.detokenizer,
-                              self.add_special_tokens, self.counts_on, self.prefix_token, self.format)
+        return CorpusSettings(**{f.name: getattr(self, f.name) for f in fields(CorpusSettings)})
 
 
 def resolve_corpus(cfg: RunConfig, tokenizer_adds_bos: bool) -> CorpusSettings:
@@ -226,11 +218,7 @@ def resolve_windows(cfg: RunConfig, corpus: CorpusSettings, model_max: int | Non
         stride = cfg.eval.stride or max(1, L // 2)
         if stride > L:
             raise HarnessError(f"eval.stride: {stride} is larger than eval.max_length {L}; a target piece must fit in a window")
-    return Settings(
-        protocol=corpus.protocol, max_length=L, stride=stride, bos=corpus.bos, mode=corpus.mode, join=corpus.join,
-        detokenizer=corpus.detokenizer, add_special_tokens=corpus.add_special_tokens, counts_on=corpus.counts_on,
-        prefix_token=corpus.prefix_token, format=corpus.format,
-    )
+    return Settings(**asdict(corpus), max_length=L, stride=stride)
 
 
 def resolve(cfg: RunConfig, tokenizer_adds_bos: bool, model_max: int | None) -> Settings:

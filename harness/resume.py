@@ -172,16 +172,18 @@ class ResumeLog:
                 self.dir.rmdir()
 
 
-def recorder(log: ResumeLog | None, gather):
-    """The per-batch callback: every rank's finished windows are gathered; rank 0 appends them.
+def recorder(gather, *sinks):
+    """The per-batch callback: every rank's finished windows are gathered, and each sink there
+    (the resume log, the per-token writer: anything with ``append``; None for none) gets them.
 
     Every rank calls it once per batch (the padding makes the batch counts equal), as the
-    gather is a collective."""
+    gather is a collective; only the main rank holds sinks."""
+    live = [s for s in sinks if s is not None]
 
     def on_batch(finished: list[Finished]) -> None:
         everyone = [f for part in gather([finished]) for f in part if not is_padding(f.record)]
-        if log is not None:
-            log.append(everyone)
+        for sink in live:
+            sink.append(everyone)
 
     return on_batch
 

@@ -27,7 +27,7 @@ from .resume import ResumeLog, interrupted, is_padding, padding, positions_of, r
 from .scoring import input_device, score_windows
 from .tokenization import tokenized_corpus
 from .conditional import SAMPLES, conditional_section, samples_frame
-from .pertoken import TokenWriter, callback as pertoken_callback, chain
+from .pertoken import TokenWriter
 
 __all__ = ["run", "Result"]
 
@@ -42,6 +42,31 @@ def _check_writable(root: Path) -> None:
         raise HarnessError(
             f"output.dir: cannot write to {root} ({err.strerror}); choose a writable folder with --output-dir or output.dir"
         ) from None
+
+
+def _merge(dist, records, positions, done, windows, settings, streams):
+    """Every rank's window records and position statistics, with the earlier run's, in plan order."""
+    records = sorted([r for r in dist.gather(records) if not is_padding(r)] + [f.record for f in done], key=lambda r: r.index)
+    positions = sum(dist.gather([positions]), positions_of(done, windows, settings.max_length))
+    if settings.counts_on == "original":
+        # windows name a stream by its position in `streams` (empty documents have none)
+        records = override_counts(records, {i: (s.count_bytes, s.count_words) for i, s in enumerate(streams) if s.count_bytes is not None})
+    return records, positions
+
+
+def _write(result: Result, run_dir: Path, cfg: RunConfig, tokens_out) -> None:
+    """The run folder's tables, then the record, then the results table (the record last but one:
+    a folder with a result.json is a finished run)."""
+    if cfg.output.save_windows:
+        write_frame(run_dir / WINDOWS, result.windows)
+        write_frame(run_dir / "positions.parquet", result.positions)
+    if result.samples is not None:
+        write_frame(run_dir / SAMPLES, result.samples)
+    if tokens_out is not None:
+        tokens_out.close(keep=True)
+    write_record(run_dir, result.record)
+    write_table(run_dir.parent)
+    result.run_dir = run_dir
 
 
 def run(
@@ -100,31 +125,23 @@ def run(
 
     trial = lambda ws: score(ws, len(ws), False, progress=False)  # noqa: E731  (the given windows as one batch)
     batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=input_device(model).type == "cpu")
-    # output.save_tokens: each batch's scored tokens go to tokens.parquet as they are scored
-    tokens_out = TokenWriter(run_dir, streams, tokenizer) if write and cfg.output.save_tokens and dist.is_main else None
+    save_tokens = write and cfg.output.save_tokens  # each batch's scored tokens to tokens.parquet as they come
+    tokens_out = TokenWriter(run_dir, streams, tokenizer) if save_tokens and dist.is_main else None
     if tokens_out is not None:
-        tokens_out.add(done)
+        tokens_out.append(done)
     try:
         records, positions, seconds = score(
             mine, batch_size, cfg.eval.sort_by_length, progress=progress and dist.is_main, scorer=pair,
-            on_batch=chain(recorder(log, dist.gather) if resumable else None,
-                           pertoken_callback(tokens_out, dist.gather, is_padding) if cfg.output.save_tokens and write else None),
+            on_batch=recorder(dist.gather, log, tokens_out) if resumable or save_tokens else None,
         )
-    except KeyboardInterrupt:
+    except BaseException as err:
         if tokens_out is not None:
-            tokens_out.abort()
-        raise interrupted(log, len(windows)) from None
-    except BaseException:
-        if tokens_out is not None:
-            tokens_out.abort()
+            tokens_out.close(keep=False)
+        if isinstance(err, KeyboardInterrupt):
+            raise interrupted(log, len(windows)) from None
         raise
 
-    # every rank's windows and the earlier run's meet here
-    records = sorted([r for r in dist.gather(records) if not is_padding(r)] + [f.record for f in done], key=lambda r: r.index)
-    positions = sum(dist.gather([positions]), positions_of(done, windows, settings.max_length))
-    if settings.counts_on == "original":
-        # windows name a stream by its position in `streams` (empty documents have none)
-        records = override_counts(records, {i: (s.count_bytes, s.count_words) for i, s in enumerate(streams) if s.count_bytes is not None})
+    records, positions = _merge(dist, records, positions, done, windows, settings, streams)
     seconds = max(dist.gather([seconds]))
     rec = record.build(
         run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,
@@ -142,24 +159,13 @@ def run(
     kl_rows = None
     if pair is not None:
         rec["kl"], kl_rows = pair.gathered(dist.gather)
-    samples = None
-    if settings.format != "text":  # per-sample target figures (conditional.py)
-        samples = samples_frame(records, streams, tokenizer)
-        rec["conditional"] = conditional_section(samples, settings.format)
     result = Result(rec, record.windows_frame(records, kl_rows), None, record.positions_frame(positions))
-    result.samples = samples
+    if settings.format != "text":  # per-sample target figures (conditional.py)
+        result.samples = samples_frame(records, streams, tokenizer)
+        rec["conditional"] = conditional_section(result.samples, settings.format)
 
     if write and dist.is_main:
-        if cfg.output.save_windows:
-            write_frame(run_dir / WINDOWS, result.windows)
-            write_frame(run_dir / "positions.parquet", result.positions)
-        if samples is not None:
-            write_frame(run_dir / SAMPLES, samples)
-        if tokens_out is not None:
-            tokens_out.finish()
-        write_record(run_dir, rec)
-        write_table(run_dir.parent)
-        result.run_dir = run_dir
+        _write(result, run_dir, cfg, tokens_out)
     if log:
         log.close(delete=write)
     dist.barrier()

@@ -43,10 +43,13 @@ def _sigterm_as_interrupt():
         yield received
         return
     previous = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C too, even where the process started with SIGINT ignored (a job sent to the background)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _this_command() -> str:

@@ -44,29 +44,6 @@ def test_compiled_equals_eager_tiny(tiny, tiny_corpus):
         compiled.enable(model, False)
 
 
-def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, monkeypatch):
-    import torch._dynamo
-    import torch._inductor.config as inductor_config
-
-    folder, model, tok = tiny
-    torch._dynamo.reset()  # nothing compiled earlier in this session may be reused
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=16, batch_size=2, bootstrap=0)
-    eager = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
-    cfg["eval"]["compile"] = True
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            comp = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
-        ours = [w for w in caught if "eval.compile" in str(w.message)]
-        assert len(ours) == 1 and "\n" not in str(ours[0].message)
-        assert comp["sum_nll"] == eager["sum_nll"]
-    finally:
-        compiled.enable(model, False)
-        torch._dynamo.reset()
-
-
 def test_compiled_equals_eager_smollm2_slice(smollm2):
     model, tok = smollm2
     cfg = {
@@ -91,3 +68,28 @@ def test_bucket_widths():
     assert [w(Fake, t) for t in (1, 256, 257, 700, 1000, 1024)] == [256, 256, 512, 768, 1024, 1024]
     Fake.max_width = 300
     assert [w(Fake, t) for t in (1, 299, 300)] == [256, 300, 300]
+
+
+# Last in the file: it points inductor at a compiler that does not exist, and inductor caches what
+# it found about the compiler for the rest of the process, so a compile after it would fall back too.
+def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    folder, model, tok = tiny
+    torch._dynamo.reset()  # nothing compiled earlier in this session may be reused
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=16, batch_size=2, bootstrap=0)
+    eager = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
+    cfg["eval"]["compile"] = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            comp = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
+        ours = [w for w in caught if "eval.compile" in str(w.message)]
+        assert len(ours) == 1 and "\n" not in str(ours[0].message)
+        assert comp["sum_nll"] == eager["sum_nll"]
+    finally:
+        compiled.enable(model, False)
+        torch._dynamo.reset()

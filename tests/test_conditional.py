@@ -133,7 +133,7 @@ def assert_samples_match(res, expected: list[tuple[float, int]]) -> None:
 
 
 def pairs_config(folder, path, L=512, batch_size=1, **corpus) -> dict:
-    return {"model": {"name_or_path": str(folder), "device": "cpu"},
+    return {"model": {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"},  # float32: the invariances are exact
             "corpus": {"path": str(path), "format": "pairs", "prompt_field": "q", "target_field": "a", **corpus},
             "eval": {"max_length": L, "batch_size": batch_size, "bootstrap": 20}}
 
@@ -201,7 +201,7 @@ def test_chat_templates_match_reference(tiny, tmp_path, template, L, one_thread)
     jinja, header, end = TEMPLATES[template]
     (tmp_path / "t.jinja").write_text(jinja)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
-    cfg = {"model": {"name_or_path": str(folder), "device": "cpu"},
+    cfg = {"model": {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"},
            "corpus": {"path": str(path), "format": "chat", "chat_template": str(tmp_path / "t.jinja")},
            "eval": {"max_length": L, "batch_size": 3, "bootstrap": 20}}
     res = run(validate(cfg), model=model, tokenizer=tok, progress=False, write=False)
@@ -269,7 +269,7 @@ def test_kl_on_pairs(tiny, tmp_path):
     folder, model, tok = tiny
     path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3])
     cfg = pairs_config(folder, path, 24, 2)
-    cfg["baseline_model"] = {"name_or_path": str(folder), "device": "cpu"}
+    cfg["baseline_model"] = {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"}
     res = run(validate(cfg), model=model, tokenizer=tok, baseline_model=model, progress=False, write=False)
     assert res["kl"]["mean"] == pytest.approx(0.0, abs=1e-6) and res["kl"]["top1_agreement"] == 1.0
     plain = run(validate(pairs_config(folder, path, 24, 2)), model=model, tokenizer=tok, progress=False, write=False)
@@ -299,7 +299,7 @@ def test_bad_conditional_input_is_one_line(tiny, tmp_path):
 
     def chat(rows, **corpus):
         path = write_jsonl(tmp_path / "c.jsonl", rows)
-        return {"model": {"name_or_path": str(folder), "device": "cpu"},
+        return {"model": {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"},
                 "corpus": {"path": str(path), "format": "chat", "chat_template": str(jinja), **corpus}, "eval": {"max_length": 64}}
 
     pairs = write_jsonl(tmp_path / "p.jsonl", PAIRS[:2])
@@ -422,7 +422,7 @@ def test_killed_pairs_run_resumes(tiny, tmp_path, one_thread):
     from .test_resume import _cli, _start, _stop_after
 
     folder, model, tok = tiny
-    config = {"model": {"name_or_path": str(folder), "device": "cpu"},
+    config = {"model": {"name_or_path": str(folder), "device": "cpu", "dtype": "float32"},
               "corpus": {**GSM8K, "max_documents": 12, "cache": False}, "eval": {"max_length": 16, "batch_size": 1, "bootstrap": 20}}
     out = tmp_path / "results" / "run"
     proc, path = _start(config, out, tmp_path)

@@ -33,11 +33,11 @@ def test_pool_loads_once_per_key_and_quantize_is_another_model(tiny):
     """The same config twice is the same object; a config differing only in quantize is another
     model, quantized, while the plain one keeps the weights on disk."""
     folder, fixture_model, _ = tiny
-    plain = ModelConfig(name_or_path=str(folder), device="cpu")
+    plain = ModelConfig(name_or_path=str(folder), device="cpu", dtype="float32")  # as the weights on disk
     quantized = plain.model_copy(update={"quantize": "int8-weight-only"})
     pool = ModelPool(keep=2)
     m1, t1 = pool.get(plain)
-    m2, t2 = pool.get(ModelConfig(name_or_path=str(folder), device="cpu"))
+    m2, t2 = pool.get(ModelConfig(name_or_path=str(folder), device="cpu", dtype="float32"))
     assert m1 is m2 and t1 is t2
     q, _ = pool.get(quantized)
     assert q is not m1 and pool.get(plain)[0] is m1 and len(pool) == 2

@@ -90,30 +90,9 @@ def run_cmd(
         raise typer.Exit(128 + received.get("signal", signal.SIGINT)) from None
     if result.run_dir is None:
         return  # not the main process
-    from .precision import summary_line
+    from .report import summary_rows
 
-    r = result.record
-    lo, hi = r["ci95"] or (float("nan"), float("nan"))
-    p = r["protocol"]
-    rows = [
-        ("protocol", f"{p['protocol']} (L={p['max_length']}, S={p['stride']}, bos={p['bos']}, {p['mode']})"),
-        ("perplexity", f"{r['perplexity']:.4f}  (95% CI {lo:.4f} .. {hi:.4f})"),
-        *([("precision", summary_line(r["precision"]))] if r.get("precision") else []),
-        ("scored tokens", f"{r['scored_tokens']:,} in {r['windows']:,} windows"),
-        ("bits per byte", f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "n/a"),
-        ("word perplexity", f"{r['word_perplexity']:.4f}" if r["word_perplexity"] is not None else "n/a"),
-        *([("llama.cpp", f"PPL = {r['perplexity']:.4f} +/- {r['perplexity_pm']:.5f}")] if p["protocol"] == "llamacpp" else []),
-        *([("macro perplexity", f"{r['domains']['macro_perplexity']:.4f} over {r['domains']['domains']} domains")] if r.get("domains") else []),
-        *([("rescaled", f"{r['rescaled_perplexity']:.4f}")] if r.get("rescaled_perplexity") is not None else []),
-        *([("targets", f"{r['conditional']['samples']:,} samples; perplexity is over all target tokens, "
-                       f"macro (mean of per-sample) {r['conditional']['macro_perplexity']:.4f}")] if r.get("conditional") else []),
-        ("tokens/s", f"{r['tokens_per_second']:.1f}"),
-        ("wall time", f"{r['wall_seconds']:.1f} s"),
-        ("peak memory", f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"),
-        ("batch size", f"{r['batch_size']} x {r['world_size']} process(es)"),
-    ]
-    if r.get("resumed_windows"):
-        rows.append(("resumed", f"{r['resumed_windows']:,} windows taken over from the interrupted run"))
+    rows = summary_rows(result.record)
     for k, v in rows:
         typer.echo(f"{k:>16}  {v}")
     typer.echo(f"record: {result.run_dir / 'result.json'}")

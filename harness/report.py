@@ -38,6 +38,7 @@ import pandas as pd
 
 from .compare import NOTE, TOKENIZER_DEPENDENT, Run, _get, comparable_fields, unique_labels
 from .errors import HarnessError
+from .precision import summary_line
 from .results import RECORD, WINDOWS, atomic_write_text, read_record, table_row
 
 POSITIONS = "positions.parquet"
@@ -94,11 +95,12 @@ def sort_value(x) -> str:
 
 
 def summary_rows(r: dict) -> list[tuple[str, str]]:
-    """The summary ``ppl run`` prints, as (label, value) rows, from a record."""
+    """The summary ``ppl run`` prints (and the report shows), as (label, value) rows, from a record."""
     p = r.get("protocol") or {}
     rows = [
         ("protocol", f"{p.get('protocol')} (L={p.get('max_length')}, S={p.get('stride')}, bos={p.get('bos')}, {p.get('mode')})"),
         ("perplexity", f"{fmt(r.get('perplexity'))}  (95% CI {fmt_ci(r.get('ci95'))})"),
+        *([("precision", summary_line(r["precision"]))] if r.get("precision") else []),
         ("scored tokens", f"{fmt(r.get('scored_tokens'), ',')} in {fmt(r.get('windows'), ',')} windows"),
         ("bits per byte", fmt(r.get("bits_per_byte"))),
         ("word perplexity", fmt(r.get("word_perplexity"))),
@@ -109,6 +111,10 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
         rows.append(("macro perplexity", f"{fmt(r['domains'].get('macro_perplexity'))} over {r['domains'].get('domains')} domains"))
     if r.get("rescaled_perplexity") is not None:
         rows.append(("rescaled", fmt(r["rescaled_perplexity"])))
+    if r.get("conditional"):
+        c = r["conditional"]
+        rows.append(("targets", f"{fmt(c.get('samples'), ',')} samples; perplexity is over all target tokens, "
+                                f"macro (mean of per-sample) {fmt(c.get('macro_perplexity'))}"))
     mem = r.get("peak_memory_bytes")
     rows += [
         ("tokens/s", fmt(r.get("tokens_per_second"), ".1f")),
@@ -118,7 +124,6 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
     ]
     if r.get("resumed_windows"):
         rows.append(("resumed", f"{r['resumed_windows']:,} windows taken over from the interrupted run"))
-    rows.append(("interval", str(r.get("ci95_method") or "n/a")))
     return rows
 
 
@@ -351,7 +356,7 @@ def _run_view(i: int, run: Run, base: Path) -> dict:
         "tokens_per_second": r.get("tokens_per_second"),
         "created": str(r.get("created") or ""),
         "tokenizer": str(_get(r, "tokenizer.fingerprint")),
-        "summary": summary_rows(r),
+        "summary": summary_rows(r) + [("interval", str(r.get("ci95_method") or "n/a"))],
         "config": _yaml(r.get("config")),
         "versions": [(k, str(v)) for k, v in (r.get("versions") or {}).items()],
         "model_info": [(k, str(v)) for k, v in (r.get("model") or {}).items()],

@@ -69,6 +69,29 @@ def _write(result: Result, run_dir: Path, cfg: RunConfig, tokens_out) -> None:
     result.run_dir = run_dir
 
 
+def _pair_scorer(cfg: RunConfig, model, tokenizer, baseline_model, dist):
+    """KL mode (``cfg.baseline_model``): the scorer running both models, and the baseline; else None."""
+    if cfg.baseline_model is None:
+        return None, baseline_model
+    from .kl import PairScorer, load_baseline
+
+    baseline_model = baseline_model or load_baseline(cfg, tokenizer, dist.device)
+    return PairScorer(model, baseline_model, cfg.eval.logits_chunk), baseline_model
+
+
+def _timing(dist, records, done, seconds: float, t0: float, t_corpus: float, models) -> dict:
+    """Speed and memory: tokens/s counts only the windows scored in this run (not resumed ones)."""
+    devices = {p.device for m in models if m is not None for p in m.parameters()}
+    return {
+        "tokens_per_second": (sum(r.tokens for r in records) - sum(f.record.tokens for f in done)) / max(seconds, 1e-9),
+        "wall_seconds": time.perf_counter() - t0,
+        "scoring_seconds": seconds,
+        "corpus_seconds": t_corpus - t0,
+        "peak_memory_bytes": max(dist.gather([record.peak_memory_bytes()])),
+        "peak_device_memory_bytes": dist.device_peaks(devices),
+    }
+
+
 def run(
     cfg: RunConfig,
     output_dir: str | Path | None = None,
@@ -107,12 +130,7 @@ def run(
     rid = record.run_id(cfg, settings, chash, output_dir)
     run_dir = Path(output_dir) if output_dir else root / rid
 
-    pair = None
-    if cfg.baseline_model is not None:
-        from .kl import PairScorer, load_baseline
-
-        baseline_model = baseline_model or load_baseline(cfg, tokenizer, dist.device)
-        pair = PairScorer(model, baseline_model, cfg.eval.logits_chunk)
+    pair, baseline_model = _pair_scorer(cfg, model, tokenizer, baseline_model, dist)
     # windows finished by an earlier, interrupted run of this config are taken over, not rescored
     # (not in KL mode: the per-token KL of earlier windows is not in the log)
     resumable = write and pair is None
@@ -145,14 +163,7 @@ def run(
     seconds = max(dist.gather([seconds]))
     rec = record.build(
         run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,
-        timing={
-            "tokens_per_second": (sum(r.tokens for r in records) - sum(f.record.tokens for f in done)) / max(seconds, 1e-9),
-            "wall_seconds": time.perf_counter() - t0,
-            "scoring_seconds": seconds,
-            "corpus_seconds": t_corpus - t0,
-            "peak_memory_bytes": max(dist.gather([record.peak_memory_bytes()])),
-            "peak_device_memory_bytes": dist.device_peaks({p.device for m in (model, baseline_model) if m is not None for p in m.parameters()}),
-        },
+        timing=_timing(dist, records, done, seconds, t0, t_corpus, (model, baseline_model)),
         run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device)},
         model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()), precision=prec,
     )

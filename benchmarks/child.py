@@ -50,7 +50,8 @@ def run_harness(case: Case, dtype: str) -> dict:
     lengths = (w["end"] - w["begin"] + w["prefix"].astype(int)).astype(int).tolist()
     return {"scored_tokens": res.scored_tokens, "sum_nll": res["sum_nll"], "perplexity": res.perplexity,
             "word_perplexity": res["word_perplexity"], "load_s": load_s, "score_s": res["scoring_seconds"],
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "compile": cfg.eval.compile,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "compile": res["precision"]["compile"]["on"],
+            "compile_s": res["compile_seconds"],
             "window_lengths": lengths, "shapes": model_shapes(model)}
 
 

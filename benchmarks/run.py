@@ -128,6 +128,7 @@ def summarize(runs: list[dict]) -> dict:
     out.update({
         "runs": len(ok), "tokens_per_s": statistics.median(tps), "tps_min": min(tps), "tps_max": max(tps),
         "score_s": statistics.median(r["score_s"] for r in ok), "load_s": statistics.median(r["load_s"] for r in ok),
+        "compile_s": statistics.median(r.get("compile_s") or 0.0 for r in ok) if first.get("compile") else None,
         "wall_s": statistics.median(r["wall_s"] for r in ok), "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "note": "",
     })
     if any(r["perplexity"] != first["perplexity"] or r["scored_tokens"] != first["scored_tokens"] for r in ok):
@@ -199,9 +200,9 @@ def verdict(case: Case, c, r: dict) -> str:
 
 
 COLUMNS = ["case", "kind", "tool", "dtype", "runs", "scored_tokens", "tokens_per_s", "spread", "speedup", "gflop_s", "peak_fraction",
-           "score_s", "load_s", "wall_s", "peak_rss_gb", "perplexity", "word_perplexity", "dppl_pct", "target", "note"]
+           "score_s", "compile_s", "load_s", "wall_s", "peak_rss_gb", "perplexity", "word_perplexity", "dppl_pct", "target", "note"]
 HEADERS = {"tokens_per_s": "tok/s (median)", "spread": "tok/s min..max", "speedup": "ratio of medians", "gflop_s": "GFLOP/s",
-           "peak_fraction": "of bf16 peak", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
+           "peak_fraction": "of bf16 peak", "compile_s": "compiling s (in tok/s)", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
 
 
 def write_outputs(rows: list[dict], out: Path, header: str) -> str:
@@ -212,7 +213,7 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> str:
     frame.to_csv(out / "bench.csv", index=False)
     fmt = frame.copy()
     for col, spec in {"tokens_per_s": "{:.1f}", "speedup": "{:.2f}x", "gflop_s": "{:.0f}", "peak_fraction": "{:.0%}", "wall_s": "{:.1f}",
-                      "load_s": "{:.1f}", "score_s": "{:.1f}", "peak_rss_gb": "{:.2f}", "perplexity": "{:.4f}",
+                      "load_s": "{:.1f}", "score_s": "{:.1f}", "compile_s": "{:.1f}", "peak_rss_gb": "{:.2f}", "perplexity": "{:.4f}",
                       "word_perplexity": "{:.4f}", "dppl_pct": "{:+.3f}%"}.items():
         fmt[col] = [spec.format(v) if isinstance(v, float) and not math.isnan(v) else "" for v in fmt[col]]
     for col in ("scored_tokens", "runs"):

@@ -32,6 +32,7 @@ def block_size(window: int) -> int:
     return max(1, window // BLOCK_DIVISOR)
 
 
+@torch.compiler.disable  # eval.compile: a loop over blocks; traced, it made one graph per window length
 def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs):
     """Transformers attention function: block-sparse for sliding layers, SDPA otherwise.
 

@@ -175,8 +175,9 @@ class EvalConfig(_Section):
         None, gt=0, description="Scored positions per vocabulary-projection chunk (default: sized to the vocabulary)."
     )
     sort_by_length: bool = Field(True, description="Batch windows of similar length together (less padding).")
-    compile: bool = Field(
-        False, description="torch.compile the model body, windows padded to a few fixed shapes (see harness/compiled.py)."
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="torch.compile the decoder layers: true, false, or auto (when the run plans >= 65,536 window tokens; see harness/compiled.py).",
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval (0: normal approximation only).")
     seed: int = 0

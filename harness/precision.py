@@ -103,7 +103,9 @@ def describe(model, requested: str, device: str | torch.device) -> dict:
 def summary_line(precision: dict) -> str:
     p = precision
     why = f" ({p['reason']})" if p.get("reason") else ""
-    return f"{p['requested']} -> body {p['body']}, head {p['head']}, log-sum-exp {p['logsumexp']}{why}"
+    line = f"{p['requested']} -> body {p['body']}, head {p['head']}, log-sum-exp {p['logsumexp']}{why}"
+    comp = p.get("compile")
+    return line + (f"; layers compiled ({comp['reason']})" if comp and comp.get("on") else "")
 
 
 # ---------------------------------------------------------------------------------------------

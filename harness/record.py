@@ -68,6 +68,9 @@ def config_hash(cfg: RunConfig, settings, precision: dict | None = None) -> str:
         payload["eval"].pop("sort_by_length", None)  # in float32 batching cannot change a number
         payload["eval"].pop("batch_size", None)
         payload["eval"].pop("max_batch_size", None)
+    # what eval.compile decided is hashed, not the setting (fused kernels round the last digits
+    # their own way); an uncompiled run hashes as it did before ``auto`` existed
+    payload["eval"]["compile"] = bool(((precision or {}).get("compile") or {}).get("on", cfg.eval.compile is True))
     if precision is not None:
         payload["precision_body"] = precision["body"]
     for key in ("streaming", "cache"):  # how the corpus is read cannot change a number either

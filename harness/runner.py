@@ -86,6 +86,8 @@ def _timing(dist, records, done, seconds: float, t0: float, t_corpus: float, mod
         "tokens_per_second": (sum(r.tokens for r in records) - sum(f.record.tokens for f in done)) / max(seconds, 1e-9),
         "wall_seconds": time.perf_counter() - t0,
         "scoring_seconds": seconds,
+        # of which: the batches during which eval.compile compiled (their own compute included)
+        "compile_seconds": sum(b.compile_seconds for m in models if m is not None and (b := compiled.body(m, any_state=True))),
         "corpus_seconds": t_corpus - t0,
         "peak_memory_bytes": max(dist.gather([record.peak_memory_bytes()])),
         "peak_device_memory_bytes": dist.device_peaks(devices),
@@ -123,9 +125,9 @@ def run(
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
-    compiled.enable(model, cfg.eval.compile, settings.max_length)
     windows = protocols.plan_streams(settings, streams)
-    prec = precision.describe(model, cfg.model.dtype, input_device(model))
+    planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows))
+    prec = {**precision.describe(model, cfg.model.dtype, input_device(model)), "compile": compiled.enable(model, planned).as_dict()}
     chash = record.config_hash(cfg, settings, prec)
     rid = record.run_id(cfg, settings, chash, output_dir)
     run_dir = Path(output_dir) if output_dir else root / rid

@@ -17,7 +17,7 @@ from harness import compiled
 from harness.config import validate
 from harness.runner import run
 
-from .conftest import WIKITEXT, tiny_config
+from .conftest import GEMMA3, WIKITEXT, tiny_config
 
 
 def _pair(cfg_dict: dict, model, tok):
@@ -60,14 +60,53 @@ def test_compiled_equals_eager_smollm2_slice(smollm2):
         compiled.enable(model, False)
 
 
-def test_bucket_widths():
-    class Fake:  # only width() is used: no model is compiled here
-        max_width = 1024
+def test_compiled_equals_eager_gemma3_sliding_layers(gemma3):
+    """Gemma-3: windows longer than its 512-token sliding window, so the sliding layers run the
+    block attention (kept out of the graph) between compiled pieces of each layer."""
+    model, tok = gemma3
+    cfg = {
+        "model": dict(GEMMA3),
+        "corpus": {**WIKITEXT, "max_tokens": 1000},
+        "eval": {"protocol": "sliding", "max_length": 640, "stride": 320, "batch_size": 2, "bootstrap": 0},
+    }
+    eager, comp = _pair(cfg, model, tok)
+    try:
+        assert comp.scored_tokens == eager.scored_tokens == 999
+        assert comp["precision"]["compile"]["on"] and not eager["precision"]["compile"]["on"]
+        assert math.isclose(comp["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
+    finally:
+        compiled.enable(model, False)
 
-    w = compiled.Body.width
-    assert [w(Fake, t) for t in (1, 256, 257, 700, 1000, 1024)] == [256, 256, 512, 768, 1024, 1024]
-    Fake.max_width = 300
-    assert [w(Fake, t) for t in (1, 299, 300)] == [256, 300, 300]
+
+def test_auto_compiles_long_runs_only():
+    n = compiled.AUTO_MIN_TOKENS
+    assert compiled.decide("auto", n).on and not compiled.decide("auto", n - 1).on
+    assert "too short" in compiled.decide("auto", 4096).reason
+    assert compiled.decide(True, 10).on and not compiled.decide(False, 10**9).on
+
+
+def test_decoder_layers_found(tiny, smollm2):
+    for model in (tiny[1], smollm2[0]):
+        layers = compiled.decoder_layers(model)
+        assert layers is model.base_model.layers and len(layers) == model.config.num_hidden_layers
+
+
+def test_record_says_what_auto_decided(tiny, tiny_corpus):
+    """auto on a short run: eager, said so, hashed as an eager run; eval.compile true: compiled,
+    and its config hash differs (fused kernels may round the last digits differently)."""
+    folder, model, tok = tiny
+    cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=12, batch_size=3, bootstrap=0)
+    runs = {}
+    for setting in ("auto", False, True):
+        cfg["eval"]["compile"] = setting
+        runs[setting] = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
+    compiled.enable(model, False)
+    auto, off, on = runs["auto"], runs[False], runs[True]
+    assert auto["precision"]["compile"] == {"on": False, "reason": auto["precision"]["compile"]["reason"]}
+    assert "window tokens <" in auto["precision"]["compile"]["reason"]
+    assert auto["config_hash"] == off["config_hash"] != on["config_hash"]
+    assert on["precision"]["compile"] == {"on": True, "reason": "requested"}
+    assert off["compile_seconds"] == 0
 
 
 # Last in the file: it points inductor at a compiler that does not exist, and inductor caches what

@@ -130,11 +130,13 @@ def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny
 
     a, b = go(f32, "float32", 1), go(f32, "float32", 3)
     assert a["precision"] == {"requested": "float32", "body": "float32", "head": "float32", "logsumexp": "float32",
-                              "reason": "requested", "batch_invariant": True}
+                              "reason": "requested", "batch_invariant": True,
+                              "compile": {"on": False, "reason": a["precision"]["compile"]["reason"]}}
     assert a["config_hash"] == b["config_hash"]
     c, d = go(bf16, "bfloat16", 1), go(bf16, "bfloat16", 3)
     assert c["precision"] == {"requested": "bfloat16", "body": "bfloat16", "head": "bfloat16 weights, float32 output",
-                              "logsumexp": "float32", "reason": "requested", "batch_invariant": False}
+                              "logsumexp": "float32", "reason": "requested", "batch_invariant": False,
+                              "compile": {"on": False, "reason": c["precision"]["compile"]["reason"]}}
     assert c["config_hash"] != d["config_hash"]
     e, f = go(f32, "auto", 1), go(bf16, "auto", 1)
     assert e["config_hash"] != f["config_hash"]  # same config, different resolved body dtype

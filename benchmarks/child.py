@@ -93,9 +93,33 @@ def run_tool(tool: str, case: Case) -> dict:
     raise SystemExit(f"unknown tool {tool!r}")
 
 
+def compile_layers(key: str) -> None:
+    """Build the harness's compiled-layer packages for KEY's model in bf16 and float32, once per
+    machine (``ppl compile`` does the same for a config): the harness's runs then find them, as
+    any run after the first does on a user's machine. Models that cannot be packaged say so."""
+    from harness import compiled
+    from harness.config import load_config
+    from harness.models import load_model
+
+    for dtype in ("bfloat16", "float32"):
+        cfg = load_config(MODELS[key], [f"model.name_or_path={cached_model(key)}", "model.gguf_file=null", "model.device=cpu",
+                                        f"model.dtype={dtype}"])
+        model = load_model(cfg.model, device="cpu")
+        why = compiled.packable(model)
+        if why or compiled.cached(model):
+            print(f"{key} {dtype}: {why or 'compiled layers already cached'}")
+            continue
+        start = time.perf_counter()
+        compiled.build_package(model)
+        print(f"{key} {dtype}: compiled layers built in {time.perf_counter() - start:.1f} s (once per machine)")
+
+
 def main(argv: list[str]) -> None:
     if argv[0] == "prepare":
         print(prepare(argv[1]))
+        return
+    if argv[0] == "compile":
+        compile_layers(argv[1])
         return
     tool, case_json, out = argv  # the parent passes the case (resized by --scale) as JSON
     fields = json.loads(case_json)

@@ -99,6 +99,37 @@ def run_cmd(
     typer.echo(f"table:  {result.run_dir.parent / 'table.csv'}")
 
 
+@app.command("compile")
+def compile_cmd(
+    config: Path = typer.Argument(..., help="YAML config whose model (and dtype) to compile."),
+    overrides: Optional[List[str]] = OVERRIDES,
+):
+    """Compile the config's decoder layers ahead of time into the cache, so every later run of
+    that model compiles for free (eval.compile: auto uses a cached package at any length)."""
+    import time
+
+    from .config import load_config
+
+    cfg = load_config(config, overrides or [])
+    from . import compiled
+    from .distributed import Distributor
+    from .models import load_model
+
+    model = load_model(cfg.model, device=Distributor(cfg.model.device).device)
+    why = compiled.packable(model)
+    if why:
+        typer.echo(f"not compiled ahead of time ({why}); runs of >= {compiled.AUTO_MIN_TOKENS:,} window tokens compile just in time")
+        return
+    path = compiled.package_path(model)
+    if path.is_file():
+        typer.echo(f"already cached: {path}")
+        return
+    start = time.perf_counter()
+    compiled.build_package(model)
+    compiled.Packaged(model, path)  # loads and checks it against the eager layer
+    typer.echo(f"compiled in {time.perf_counter() - start:.1f} s: {path}")
+
+
 @app.command("table")
 def table_cmd(results: Path = typer.Argument(Path("results"), help="Results folder.")):
     """Rebuild results/table.csv and table.md from every record, and print it."""

@@ -1,31 +1,42 @@
-"""``eval.compile``: the model's decoder layers through ``torch.compile`` (regional compilation).
+"""``eval.compile``: the model's decoder layers compiled by inductor (regional compilation).
 
 What is compiled is one decoder layer, not the whole model: every layer of a model runs the same
-code on weights of the same shapes, so the one compiled graph serves all of them (dynamo treats
-the weights as inputs), and compiling costs one layer's worth of tracing instead of the whole
-body's (SmolLM2: ~10 s cold instead of ~45 s; ~5-7 s with inductor's on-disk cache warm). The rest
-of the body (embedding, mask, rotary tables, final norm) stays eager: it is a few operations.
+code on weights of the same shapes, so one compiled layer serves all of them, with each layer's
+weights passed in as inputs. The rest of the body (embedding, mask, rotary tables, final norm)
+stays eager: it is a few operations. What compiling fuses is the element-wise work (norms,
+rotary, activation, residual adds); matrix products and attention run the same kernels. Measured
+on SmolLM2 bf16, batch 4 x 1,024 (two CPU cores): 2.2-2.4 s per batch compiled, 2.8-3.1 s eager.
 
-The graph is compiled with dynamic shapes (``dynamic=True``): one graph serves every window
-length and batch size, so nothing is padded and a tail batch does not compile again. Measured on
-SmolLM2 bf16, batch 4 x 1,024: 2.17 s per batch with static shapes, 2.22 s dynamic, 2.79 s eager
-(medians of 6, alternating). What it fuses is the element-wise
-work (norms, rotary, activation, residual adds); matrix products and attention run the same kernels.
+Two ways, tried in this order:
 
-``eval.compile: auto`` (the default) compiles when the run is long enough for the compile to pay
-for itself: at least ``AUTO_MIN_TOKENS`` window tokens planned (see there). Short runs (a few
-thousand tokens) stay eager.
+- **Ahead of time, cached on disk** (``Packaged``; CPU, Llama-style layers). The layer is
+  exported with ``torch.export`` (batch and length dynamic) and compiled by AOTInductor into a
+  package under ``$PPL_CACHE_DIR/compiled/`` (default ``~/.cache/ppl-harness/compiled``), keyed by
+  the layer's class and the model's config, dtype, torch/transformers versions and the CPU's
+  vector ISA. Building it takes ~40 s for SmolLM2 on two cores, once per machine; loading it
+  takes milliseconds, so a run that finds it pays nothing for compiling. A batch with a padding
+  mask (the lm-eval preset's short last windows) runs that layer call eagerly.
+- **Just in time** (``torch.compile`` of each layer's call, dynamic shapes: one graph for every
+  window length and batch size, nothing padded): for other models (Gemma-3's block attention is
+  kept out of the graph) and devices. It costs ~7 s per run with inductor's on-disk cache warm
+  (~10-15 s cold) for SmolLM2, ~14 s (~45 s cold) for Gemma-3.
 
-Inductor's on-disk cache goes under the harness's cache (``$PPL_CACHE_DIR/inductor``, default
-``~/.cache/ppl-harness/inductor``) unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so the second run on
-a machine finds its kernels already built.
+``eval.compile: auto`` (the default, ``decide``): compile whenever a cached package exists for
+the model; otherwise when the run is long enough to pay for compiling (``AUTO_MIN_TOKENS`` window
+tokens just in time, ``AUTO_BUILD_TOKENS`` to build a package). ``true`` compiles (building the
+package if it can), ``false`` never does.
 
-Where compilation is unavailable or fails (no C++ compiler, an unsupported model), the first
-batch says so in one warning line and the run goes on uncompiled.
+Inductor's own on-disk cache goes under the harness's cache (``$PPL_CACHE_DIR/inductor``) unless
+``TORCHINDUCTOR_CACHE_DIR`` is set.
+
+Where compilation is unavailable or fails (no C++ compiler, an unsupported model), the run says
+so in one warning line and goes on uncompiled (or just in time, where only the package failed).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -35,13 +46,17 @@ from pathlib import Path
 
 import torch
 
-# Planned window tokens from which ``auto`` compiles. Measured in bf16 on two CPU cores
-# (``benchmarks/compile_gain.py``): SmolLM2 compiles in ~7 s with inductor's cache warm (~10-15 s
-# cold) and then saves ~0.2 ms per window token (batch time 2.8 s -> 2.2 s at 4 x 1,024), so it
-# breaks even near 30k tokens warm; Gemma-3 compiles in ~14 s warm (~45 s cold) and saves ~0.15 ms
-# per token, breaking even near 90k (a Gemma-3 run between 65k and 90k loses up to ~4 s). The full
-# WikiText-2 test split at L1024/S512 is ~570k window tokens.
+# Planned window tokens from which ``auto`` compiles just in time. Measured in bf16 on two CPU
+# cores (``benchmarks/compile_gain.py``): SmolLM2 compiles in ~7 s with inductor's cache warm
+# (~10-15 s cold) and then saves ~0.2 ms per window token (batch time 2.8 s -> 2.2 s at 4 x
+# 1,024), so it breaks even near 30k tokens warm; Gemma-3 compiles in ~14 s warm (~45 s cold) and
+# saves ~0.15 ms per token, breaking even near 90k (a Gemma-3 run between 65k and 90k loses up to
+# ~4 s). The full WikiText-2 test split at L1024/S512 is ~570k window tokens.
 AUTO_MIN_TOKENS = 65_536
+# ... and from which it builds the ahead-of-time package when none is cached: ~40 s for SmolLM2,
+# paid once per machine, at ~0.2 ms saved per token in this run alone from ~200k tokens.
+AUTO_BUILD_TOKENS = 262_144
+FORMAT = 1  # of a package's inputs (hidden, cos, sin, *tensors); a change makes new cache keys
 
 # model -> its compiled body (weakly keyed: goes with the model). Set by ``enable``.
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Body]" = weakref.WeakKeyDictionary()
@@ -53,18 +68,24 @@ class Decision:
 
     on: bool
     reason: str
+    build: bool = False  # may build the ahead-of-time package when none is cached
 
     def as_dict(self) -> dict:
         return {"on": self.on, "reason": self.reason}
 
 
-def decide(setting: bool | str, planned_tokens: int) -> Decision:
-    """``eval.compile`` (true, false or auto) and the run's planned window tokens -> a decision."""
+def decide(setting: bool | str, planned_tokens: int, cached: bool = False) -> Decision:
+    """``eval.compile`` (true, false or auto), the run's planned window tokens and whether a
+    compiled package is cached for the model -> a decision."""
     if setting == "auto":
+        if cached:
+            return Decision(True, "auto: the compiled layers are cached for this model")
+        if planned_tokens >= AUTO_BUILD_TOKENS:
+            return Decision(True, f"auto: {planned_tokens:,} window tokens >= {AUTO_BUILD_TOKENS:,}, compiled and cached", build=True)
         if planned_tokens >= AUTO_MIN_TOKENS:
             return Decision(True, f"auto: {planned_tokens:,} window tokens >= {AUTO_MIN_TOKENS:,}")
         return Decision(False, f"auto: {planned_tokens:,} window tokens < {AUTO_MIN_TOKENS:,}, too short to pay for compiling")
-    return Decision(bool(setting), "requested")
+    return Decision(bool(setting), "requested", build=bool(setting))
 
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:
@@ -79,47 +100,238 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
     return best
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("PPL_CACHE_DIR") or Path.home() / ".cache" / "ppl-harness")
+
+
 def use_cache_dir() -> None:
     """Point inductor's on-disk cache at the harness's cache, unless the user chose one."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        root = Path(os.environ.get("PPL_CACHE_DIR") or Path.home() / ".cache" / "ppl-harness")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead of time: one exported, AOTInductor-compiled decoder layer, cached on disk
+
+
+class _Layer(torch.nn.Module):
+    """What is exported: one decoder layer as a function of its input and its own tensors."""
+
+    def __init__(self, layer: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.layer, self.names = layer, names
+
+    def forward(self, hidden, cos, sin, tensors: list):
+        state = dict(zip(self.names, tensors))
+        return torch.func.functional_call(self.layer, state, (hidden,), {"position_embeddings": (cos, sin), "attention_mask": None})
+
+
+def _tensor_names(layer) -> list[str]:
+    return sorted([n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()])
+
+
+def _tensors(layer, names: list[str]) -> list[torch.Tensor]:
+    own = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+    return [own[n].detach() for n in names]
+
+
+def _rotary(model):
+    return getattr(model.base_model, "rotary_emb", None)
+
+
+def packable(model) -> str | None:
+    """None if the layers can be compiled ahead of time, else why not."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return "no stack of decoder layers found"
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return f"attention {getattr(model.config, '_attn_implementation', None)!r} (only sdpa is packaged)"
+    if _rotary(model) is None:
+        return "no rotary table module (rotary_emb)"
+    tensors = [t for m in (layers, _rotary(model)) for t in (*m.parameters(), *m.buffers())]
+    if any(t.device.type != "cpu" for t in tensors) or any(hasattr(m, "_hf_hook") for m in layers.modules()):
+        return "not on the CPU (or offloaded)"
+    import inspect
+
+    if "position_embeddings" not in inspect.signature(type(layers[0]).forward).parameters:
+        return "the layer takes no position_embeddings"
+    return None
+
+
+def package_path(model) -> Path:
+    """Where the package of this model's layer (class, config, dtype, versions, CPU ISA) is cached."""
+    import transformers
+
+    layers = decoder_layers(model)
+    dtype = next(layers.parameters()).dtype
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
+           "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
+           "isa": torch.backends.cpu.get_cpu_capability(), "tensors": _tensor_names(layers[0])}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_root() / "compiled" / f"{cfg.get('model_type', 'model')}-{str(dtype).removeprefix('torch.')}-{digest}.pt2"
+
+
+def cached(model) -> bool:
+    """A compiled package for this model is on disk (and it can use one)."""
+    return packable(model) is None and package_path(model).is_file()
+
+
+def _example(model, batch: int = 2, length: int = 64):
+    layer = decoder_layers(model)[0]
+    p = next(layer.parameters())
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = torch.randn(batch, length, cfg.hidden_size, generator=g).to(p.dtype)
+    cos, sin = _rotary(model)(hidden, torch.arange(length)[None])
+    return hidden, cos, sin
+
+
+def build_package(model) -> Path:
+    """Export one decoder layer and compile it with AOTInductor into the cache (atomically)."""
+    from torch.export import Dim
+
+    layers = decoder_layers(model)
+    names = _tensor_names(layers[0])
+    hidden, cos, sin = _example(model)
+    longest = int(getattr(model.config, "max_position_embeddings", 0) or 2**15)
+    batch, length = Dim("batch", min=1, max=4096), Dim("length", min=2, max=max(longest, 64))
+    with torch.no_grad():
+        program = torch.export.export(
+            _Layer(layers[0], names), (hidden, cos, sin, _tensors(layers[0], names)),
+            dynamic_shapes=({0: batch, 1: length}, {1: length}, {1: length}, [None] * len(names)),
+        )
+    path = package_path(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+    use_cache_dir()
+    from torch._inductor import aoti_compile_and_package
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes, not the user's
+            aoti_compile_and_package(program, package_path=str(tmp))
+        os.replace(tmp, path)  # two processes building at once: each writes whole, the last wins
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class Packaged:
+    """The cached package, run for every layer with that layer's own tensors."""
+
+    def __init__(self, model, path: Path):
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        self.layers = decoder_layers(model)
+        names = _tensor_names(self.layers[0])
+        self.tensors = [_tensors(layer, names) for layer in self.layers]
+        self.check(model)
+
+    def run(self, i: int, hidden, cos, sin) -> torch.Tensor:
+        return self.loader.run([hidden.contiguous(), cos.contiguous(), sin.contiguous(), *self.tensors[i]])[0]
+
+    def check(self, model) -> None:
+        """The package against the eager layer, on a small input and the second layer's weights
+        (a package that had kept the first layer's weights would fail here)."""
+        hidden, cos, sin = _example(model, 2, 48)
+        i = 1 % len(self.layers)
+        with torch.inference_mode():
+            got = self.run(i, hidden, cos, sin).float()
+            want = self.layers[i](hidden, position_embeddings=(cos, sin), attention_mask=None)
+        if not isinstance(want, torch.Tensor):
+            raise RuntimeError(f"the layer returns a {type(want).__name__}, not a tensor")
+        want = want.float()
+        tol = 1e-4 if hidden.dtype == torch.float32 else 3e-2
+        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        if not err <= tol:
+            raise RuntimeError(f"the compiled layer differs from the eager one (relative error {err:.2e} > {tol:g})")
+
+    def install(self, i: int, layer):
+        def call(hidden_states, *args, **kw):
+            plain = (not args and kw.get("attention_mask") is None and kw.get("position_embeddings") is not None
+                     and kw.get("past_key_values") is None and kw.get("cache") is None)
+            if not plain:  # a padding mask or a cache: this call runs eagerly
+                return layer._call_impl(hidden_states, *args, **kw)
+            cos, sin = kw["position_embeddings"]
+            return self.run(i, hidden_states, cos, sin)
+
+        layer._compiled_call_impl = call
+
+
+# ---------------------------------------------------------------------------------------------
+# The body: the package where there is one, else just in time
 
 
 class Body:
-    """Runs the base model with each decoder layer's call going through its compiled graph."""
+    """Runs the base model with each decoder layer's call going through its compiled form."""
 
-    def __init__(self, model):
+    def __init__(self, model, decision: Decision):
         self.model = model
+        self.decision = decision
         self.layers = decoder_layers(model)
-        if self.layers is None:
-            self.fns = [torch.compile(model.base_model._call_impl, dynamic=True)]
-            self.modules = [model.base_model]
-        else:
-            self.fns = [torch.compile(layer._call_impl, dynamic=True) for layer in self.layers]
-            self.modules = list(self.layers)
+        self.package: Packaged | None = None
+        self.package_error: str | None = None
+        self.started = False
+        self.how = "not yet"
         self.failed = False
-        self.compile_seconds = 0.0  # wall time of the calls that compiled a graph (their compute included)
+        # loading or building the package; just in time, the batches that compiled (their compute included)
+        self.compile_seconds = 0.0
+
+    def _start(self) -> None:
+        """First batch: load (or build) the package, else set up compiling just in time."""
+        self.started = True
+        why = packable(self.model)
+        if why is None:
+            path = package_path(self.model)
+            try:
+                if not path.is_file() and self.decision.build:
+                    build_package(self.model)
+                if path.is_file():
+                    self.package = Packaged(self.model, path)
+                    self.how = f"ahead of time ({path.name})"
+                    return
+            except Exception as err:  # noqa: BLE001 - the package is an optimisation: fall back to JIT
+                self.package_error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
+        use_cache_dir()
+        if self.layers is None:
+            self.modules = [self.model.base_model]
+        else:
+            self.modules = list(self.layers)
+        self.fns = [torch.compile(m._call_impl, dynamic=True) for m in self.modules]
+        self.how = "just in time"
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.failed:
             return eager(self.model, input_ids, attention_mask)
-        graphs = _graph_count()
-        start = time.perf_counter()
-        for module, fn in zip(self.modules, self.fns):
-            module._compiled_call_impl = fn  # what nn.Module.compile() sets; undone below
+        first = not self.started
+        if first:
+            start = time.perf_counter()
+            self._start()  # loading or building the package: counted whole
+            self.compile_seconds += time.perf_counter() - start
+        start, graphs = time.perf_counter(), _graph_count()
         try:
-            return eager(self.model, input_ids, attention_mask)
+            if self.package is not None:
+                for i, layer in enumerate(self.layers):
+                    self.package.install(i, layer)
+            else:
+                for module, fn in zip(self.modules, self.fns):
+                    module._compiled_call_impl = fn  # what nn.Module.compile() sets; undone below
+            hidden = eager(self.model, input_ids, attention_mask)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run uncompiled
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            warnings.warn(f"eval.compile: torch.compile failed ({type(err).__name__}: {first}); scoring uncompiled", stacklevel=2)
-            self.failed = True
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            also = f"; ahead of time: {self.package_error}" if self.package_error else ""
+            warnings.warn(f"eval.compile: compiling failed ({type(err).__name__}: {line}{also}); scoring uncompiled", stacklevel=2)
+            self.failed, self.how = True, "failed"
+            hidden = None
         finally:
-            for module in self.modules:
-                module._compiled_call_impl = None
-            if _graph_count() != graphs:
+            for layer in self.layers if self.layers is not None else [self.model.base_model]:
+                layer._compiled_call_impl = None
+            if _graph_count() != graphs:  # just in time: a batch that compiled, its compute included
                 self.compile_seconds += time.perf_counter() - start
-        return eager(self.model, input_ids, attention_mask)
+        if hidden is None:
+            return eager(self.model, input_ids, attention_mask)
+        if first and self.package_error:
+            warnings.warn(f"eval.compile: could not compile ahead of time ({self.package_error}); compiled just in time", stacklevel=2)
+        return hidden
 
 
 def _graph_count() -> int:
@@ -147,19 +359,19 @@ def available() -> str | None:
 def enable(model, decision: Decision | bool) -> Decision:
     """Compile ``model``'s layers for scoring, or drop a compiled body; the decision as it stands."""
     if isinstance(decision, bool):
-        decision = Decision(decision, "requested")
+        decision = Decision(decision, "requested", build=decision)
     if not decision.on:
         _COMPILED.pop(model, None)
         return decision
-    if model in _COMPILED:  # compiled by an earlier run (a model pool): this run's seconds start at 0
-        _COMPILED[model].compile_seconds = 0.0
+    old = _COMPILED.get(model)
+    if old is not None and not old.failed:  # compiled by an earlier run (a model pool)
+        old.compile_seconds = 0.0  # this run's seconds start at 0
         return decision
     why = available()
     if why:
         warnings.warn(f"eval.compile: torch.compile is unavailable ({why}); scoring uncompiled", stacklevel=2)
         return Decision(False, f"unavailable: {why}")
-    use_cache_dir()
-    _COMPILED[model] = Body(model)
+    _COMPILED[model] = Body(model, decision)
     return decision
 
 

@@ -126,7 +126,7 @@ def run(
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     windows = protocols.plan_streams(settings, streams)
-    planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows))
+    planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
     prec = {**precision.describe(model, cfg.model.dtype, input_device(model)), "compile": compiled.enable(model, planned).as_dict()}
     chash = record.config_hash(cfg, settings, prec)
     rid = record.run_id(cfg, settings, chash, output_dir)
@@ -162,6 +162,8 @@ def run(
         raise
 
     records, positions = _merge(dist, records, positions, done, windows, settings, streams)
+    if prec["compile"]["on"] and (body := compiled.body(model, any_state=True)) is not None:
+        prec["compile"]["how"] = body.how  # ahead of time (a cached package) or just in time
     seconds = max(dist.gather([seconds]))
     rec = record.build(
         run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,

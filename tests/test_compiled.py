@@ -1,9 +1,13 @@
-"""``eval.compile``: the torch.compile'd, bucket-padded body gives the eager numbers (float32, 1e-5).
+"""``eval.compile``: compiled decoder layers give the eager numbers (float32, 1e-5).
 
-The reference is the same run with ``eval.compile: false`` (plain eager forward); on the tiny
-model the slice ends in a short tail window, so the padding up to the shape bucket is exercised.
-Where compilation fails (here: a C++ compiler that does not exist), the run warns once and
-scores uncompiled, with the same numbers.
+The reference is the same run with ``eval.compile: false`` (plain eager forward). Llama-style
+layers (the tiny model, SmolLM2) are compiled ahead of time into a package in the cache; the
+second run finds it and loads it instead of compiling. Gemma-3 (block attention) is compiled
+just in time. Where compilation fails (here: a C++ compiler that does not exist), the run warns
+once and scores uncompiled, with the same numbers.
+
+Every test that may build a package points ``PPL_CACHE_DIR`` at a folder of its own, so no other
+test of the session finds a package and compiles under ``auto``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from harness.runner import run
 from .conftest import GEMMA3, WIKITEXT, tiny_config
 
 
-def _pair(cfg_dict: dict, model, tok):
-    eager = run(validate(cfg_dict), model=model, tokenizer=tok, write=False, progress=False)
-    cfg_dict = {**cfg_dict, "eval": {**cfg_dict["eval"], "compile": True}}
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPL_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _pair(cfg_dict: dict, model, tok, setting=True):
+    eager = run(validate({**cfg_dict, "eval": {**cfg_dict["eval"], "compile": False}}), model=model, tokenizer=tok,
+                write=False, progress=False)
+    cfg_dict = {**cfg_dict, "eval": {**cfg_dict["eval"], "compile": setting}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         comp = run(validate(cfg_dict), model=model, tokenizer=tok, write=False, progress=False)
@@ -30,21 +41,30 @@ def _pair(cfg_dict: dict, model, tok):
     return eager, comp
 
 
-def test_compiled_equals_eager_tiny(tiny, tiny_corpus):
+def test_compiled_equals_eager_tiny_ahead_of_time(tiny, tiny_corpus, own_cache):
+    """Built on the first compiled run, found (auto) and loaded on the second; both equal eager,
+    including the slice's short tail window (a batch of unequal lengths runs with a padding mask,
+    which the package leaves to the eager layer)."""
     folder, model, tok = tiny
     cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=12, batch_size=3, bootstrap=0)
-    eager, comp = _pair(cfg, model, tok)
     try:
-        body = compiled.body(model)
-        assert body is not None and not body.failed  # it really ran compiled
-        assert comp.scored_tokens == eager.scored_tokens
-        assert math.isclose(comp["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
-        assert math.isclose(comp.perplexity, eager.perplexity, rel_tol=1e-5)
+        assert compiled.packable(model) is None and not compiled.cached(model)
+        eager, comp = _pair(cfg, model, tok)
+        assert comp["precision"]["compile"]["how"].startswith("ahead of time")
+        assert compiled.cached(model) and compiled.package_path(model).parent == own_cache / "compiled"
+        compiled.enable(model, False)  # the next run starts from the package on disk
+        _, again = _pair(cfg, model, tok, setting="auto")
+        assert again["precision"]["compile"]["reason"] == "auto: the compiled layers are cached for this model"
+        assert again["compile_seconds"] < comp["compile_seconds"]  # loaded, not built
+        for c in (comp, again):
+            assert c.scored_tokens == eager.scored_tokens
+            assert math.isclose(c["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
+            assert c["config_hash"] != eager["config_hash"]
     finally:
         compiled.enable(model, False)
 
 
-def test_compiled_equals_eager_smollm2_slice(smollm2):
+def test_compiled_equals_eager_smollm2_slice(smollm2, own_cache):
     model, tok = smollm2
     cfg = {
         "model": {"name_or_path": "unused", "device": "cpu"},
@@ -53,6 +73,7 @@ def test_compiled_equals_eager_smollm2_slice(smollm2):
     }
     eager, comp = _pair(cfg, model, tok)
     try:
+        assert comp["precision"]["compile"]["how"].startswith("ahead of time")
         assert comp.scored_tokens == eager.scored_tokens == 1099
         assert math.isclose(comp["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
         assert math.isclose(comp.perplexity, eager.perplexity, rel_tol=1e-5)
@@ -60,7 +81,7 @@ def test_compiled_equals_eager_smollm2_slice(smollm2):
         compiled.enable(model, False)
 
 
-def test_compiled_equals_eager_gemma3_sliding_layers(gemma3):
+def test_compiled_equals_eager_gemma3_sliding_layers(gemma3, own_cache):
     """Gemma-3: windows longer than its 512-token sliding window, so the sliding layers run the
     block attention (kept out of the graph) between compiled pieces of each layer."""
     model, tok = gemma3
@@ -69,20 +90,24 @@ def test_compiled_equals_eager_gemma3_sliding_layers(gemma3):
         "corpus": {**WIKITEXT, "max_tokens": 1000},
         "eval": {"protocol": "sliding", "max_length": 640, "stride": 320, "batch_size": 2, "bootstrap": 0},
     }
+    assert "sliding_blocks" in compiled.packable(model)  # not packaged: compiled just in time
     eager, comp = _pair(cfg, model, tok)
     try:
         assert comp.scored_tokens == eager.scored_tokens == 999
-        assert comp["precision"]["compile"]["on"] and not eager["precision"]["compile"]["on"]
+        assert comp["precision"]["compile"]["how"] == "just in time"
+        assert not eager["precision"]["compile"]["on"]
         assert math.isclose(comp["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
     finally:
         compiled.enable(model, False)
 
 
 def test_auto_compiles_long_runs_only():
-    n = compiled.AUTO_MIN_TOKENS
+    n, b = compiled.AUTO_MIN_TOKENS, compiled.AUTO_BUILD_TOKENS
     assert compiled.decide("auto", n).on and not compiled.decide("auto", n - 1).on
+    assert not compiled.decide("auto", n).build and compiled.decide("auto", b).build
+    assert compiled.decide("auto", 10, cached=True).on  # a cached package costs nothing to use
     assert "too short" in compiled.decide("auto", 4096).reason
-    assert compiled.decide(True, 10).on and not compiled.decide(False, 10**9).on
+    assert compiled.decide(True, 10).on and not compiled.decide(False, 10**9, cached=True).on
 
 
 def test_decoder_layers_found(tiny, smollm2):
@@ -91,31 +116,29 @@ def test_decoder_layers_found(tiny, smollm2):
         assert layers is model.base_model.layers and len(layers) == model.config.num_hidden_layers
 
 
-def test_record_says_what_auto_decided(tiny, tiny_corpus):
-    """auto on a short run: eager, said so, hashed as an eager run; eval.compile true: compiled,
-    and its config hash differs (fused kernels may round the last digits differently)."""
+def test_record_says_what_auto_decided(tiny, tiny_corpus, own_cache):
+    """auto on a short run without a package: eager, said so, hashed as an eager run."""
     folder, model, tok = tiny
     cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=12, batch_size=3, bootstrap=0)
     runs = {}
-    for setting in ("auto", False, True):
+    for setting in ("auto", False):
         cfg["eval"]["compile"] = setting
         runs[setting] = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
-    compiled.enable(model, False)
-    auto, off, on = runs["auto"], runs[False], runs[True]
-    assert auto["precision"]["compile"] == {"on": False, "reason": auto["precision"]["compile"]["reason"]}
+    auto, off = runs["auto"], runs[False]
+    assert auto["precision"]["compile"]["on"] is False
     assert "window tokens <" in auto["precision"]["compile"]["reason"]
-    assert auto["config_hash"] == off["config_hash"] != on["config_hash"]
-    assert on["precision"]["compile"] == {"on": True, "reason": "requested"}
+    assert auto["config_hash"] == off["config_hash"]
     assert off["compile_seconds"] == 0
 
 
 # Last in the file: it points inductor at a compiler that does not exist, and inductor caches what
 # it found about the compiler for the rest of the process, so a compile after it would fall back too.
-def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, monkeypatch):
+def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, monkeypatch, own_cache):
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
     folder, model, tok = tiny
+    compiled.enable(model, False)
     torch._dynamo.reset()  # nothing compiled earlier in this session may be reused
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
@@ -128,7 +151,10 @@ def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, monkeypa
             comp = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)
         ours = [w for w in caught if "eval.compile" in str(w.message)]
         assert len(ours) == 1 and "\n" not in str(ours[0].message)
+        assert "ahead of time" in str(ours[0].message)  # both ways were tried
         assert comp["sum_nll"] == eager["sum_nll"]
+        assert comp["precision"]["compile"]["how"] == "failed"
+        assert not compiled.cached(model)  # nothing half-built left in the cache
     finally:
         compiled.enable(model, False)
         torch._dynamo.reset()

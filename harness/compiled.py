@@ -157,13 +157,19 @@ def packable(model) -> str | None:
     return None
 
 
+# config keys that say where a model came from or how it is called, not what its layer computes
+# (the dtype is keyed from the weights themselves)
+_NOT_SHAPE = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "_commit_hash",
+              "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
+
+
 def package_path(model) -> Path:
     """Where the package of this model's layer (class, config, dtype, versions, CPU ISA) is cached."""
     import transformers
 
     layers = decoder_layers(model)
     dtype = next(layers.parameters()).dtype
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_SHAPE}
     key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
            "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
            "isa": torch.backends.cpu.get_cpu_capability(), "tensors": _tensor_names(layers[0])}

@@ -105,7 +105,10 @@ def summary_line(precision: dict) -> str:
     why = f" ({p['reason']})" if p.get("reason") else ""
     line = f"{p['requested']} -> body {p['body']}, head {p['head']}, log-sum-exp {p['logsumexp']}{why}"
     comp = p.get("compile")
-    return line + (f"; layers compiled ({comp['reason']})" if comp and comp.get("on") else "")
+    if not comp or not comp.get("on"):
+        return line
+    how = f" {comp['how'].split(' (')[0]}" if comp.get("how") else ""
+    return line + f"; layers compiled{how} ({comp['reason']})"
 
 
 # ---------------------------------------------------------------------------------------------

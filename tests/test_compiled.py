@@ -131,6 +131,31 @@ def test_record_says_what_auto_decided(tiny, tiny_corpus, own_cache):
     assert off["compile_seconds"] == 0
 
 
+def test_ppl_compile_builds_once_then_auto_uses_it(tiny, tiny_corpus, own_cache, tmp_path):
+    """``ppl compile CONFIG`` builds the package (a real CLI call on the tiny model's folder); a
+    second call finds it; a short run under auto then compiles, where without it it would not."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    folder, model, tok = tiny
+    cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=12, batch_size=3, bootstrap=0)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    compiled.enable(model, False)
+    cli = CliRunner()
+    first = cli.invoke(app, ["compile", str(path)])
+    assert first.exit_code == 0 and "compiled in" in first.output, first.output
+    again = cli.invoke(app, ["compile", str(path)])
+    assert again.exit_code == 0 and "already cached" in again.output, again.output
+    try:
+        res = run(validate(cfg), model=model, tokenizer=tok, write=False, progress=False)  # auto, 4 windows
+        assert res["precision"]["compile"]["on"] and res["precision"]["compile"]["how"].startswith("ahead of time")
+    finally:
+        compiled.enable(model, False)
+
+
 # Last in the file: it points inductor at a compiler that does not exist, and inductor caches what
 # it found about the compiler for the rest of the process, so a compile after it would fall back too.
 def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, monkeypatch, own_cache):

@@ -13,9 +13,10 @@ Two ways, tried in this order:
   exported with ``torch.export`` (batch and length dynamic) and compiled by AOTInductor into a
   package under ``$PPL_CACHE_DIR/compiled/`` (default ``~/.cache/ppl-harness/compiled``), keyed by
   the layer's class and the model's config, dtype, torch/transformers versions and the CPU's
-  vector ISA. Building it takes ~40 s for SmolLM2 on two cores, once per machine; loading it
-  takes milliseconds, so a run that finds it pays nothing for compiling. A batch with a padding
-  mask (the lm-eval preset's short last windows) runs that layer call eagerly.
+  vector ISA. Building it takes 15-20 s for SmolLM2 on two cores (~40 s with inductor's cache
+  cold), once per machine; loading it takes milliseconds, so a run that finds it pays nothing for
+  compiling. A batch with a padding mask (the lm-eval preset's short last windows) runs that
+  layer call eagerly.
 - **Just in time** (``torch.compile`` of each layer's call, dynamic shapes: one graph for every
   window length and batch size, nothing padded): for other models (Gemma-3's block attention is
   kept out of the graph) and devices. It costs ~7 s per run with inductor's on-disk cache warm
@@ -53,8 +54,9 @@ import torch
 # saves ~0.15 ms per token, breaking even near 90k (a Gemma-3 run between 65k and 90k loses up to
 # ~4 s). The full WikiText-2 test split at L1024/S512 is ~570k window tokens.
 AUTO_MIN_TOKENS = 65_536
-# ... and from which it builds the ahead-of-time package when none is cached: ~40 s for SmolLM2,
-# paid once per machine, at ~0.2 ms saved per token in this run alone from ~200k tokens.
+# ... and from which it builds the ahead-of-time package when none is cached: 15-20 s for SmolLM2
+# (~40 s with inductor's cache cold), paid once per machine; at ~0.2 ms saved per token this run
+# alone pays for it from ~100-200k tokens.
 AUTO_BUILD_TOKENS = 262_144
 FORMAT = 1  # of a package's inputs (hidden, cos, sin, *tensors); a change makes new cache keys
 

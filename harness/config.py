@@ -177,7 +177,7 @@ class EvalConfig(_Section):
     sort_by_length: bool = Field(True, description="Batch windows of similar length together (less padding).")
     compile: Union[bool, Literal["auto"]] = Field(
         "auto",
-        description="torch.compile the decoder layers: true, false, or auto (when the run plans >= 65,536 window tokens; see harness/compiled.py).",
+        description="Compile the decoder layers: true, false, or auto (when a compiled package is cached for the model, or the run plans >= 65,536 window tokens; see harness/compiled.py).",
     )
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval (0: normal approximation only).")
     seed: int = 0

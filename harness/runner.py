@@ -86,7 +86,7 @@ def _timing(dist, records, done, seconds: float, t0: float, t_corpus: float, mod
         "tokens_per_second": (sum(r.tokens for r in records) - sum(f.record.tokens for f in done)) / max(seconds, 1e-9),
         "wall_seconds": time.perf_counter() - t0,
         "scoring_seconds": seconds,
-        # of which: the batches during which eval.compile compiled (their own compute included)
+        # of which: eval.compile loading or building its package, or the batches that compiled just in time
         "compile_seconds": sum(b.compile_seconds for m in models if m is not None and (b := compiled.body(m, any_state=True))),
         "corpus_seconds": t_corpus - t0,
         "peak_memory_bytes": max(dist.gather([record.peak_memory_bytes()])),

@@ -22,16 +22,10 @@ def mirror(dataset: str, config: str = "wikitext-2-raw-v1", split: str = "test")
     return root / dataset / config / f"{split}.parquet"
 
 
-def run_harness(case: Case, dtype: str) -> dict:
-    from harness.config import load_config
-    from harness.models import load_model, load_tokenizer
-    from harness.runner import run
-
-    from .flops import model_shapes
-
-    folder = cached_model(case.model)
+def harness_overrides(case: Case, dtype: str) -> list[str]:
+    """The harness config overrides that run ``case`` on the bench's model folder in ``dtype``."""
     overrides = [
-        f"model.name_or_path={folder}", "model.gguf_file=null", "model.device=cpu", "eval.bootstrap=0",
+        f"model.name_or_path={cached_model(case.model)}", "model.gguf_file=null", "model.device=cpu", "eval.bootstrap=0",
         f"model.dtype={dtype}",
         f"eval.protocol={case.protocol}", f"eval.max_length={case.max_length}", f"eval.batch_size={case.batch_size}",
     ]
@@ -40,7 +34,17 @@ def run_harness(case: Case, dtype: str) -> dict:
                       "corpus.join=null", "eval.stride=null"]
     else:
         overrides += [f"eval.stride={case.stride}", f"corpus.max_tokens={case.tokens}"]
-    cfg = load_config(MODELS[case.model], overrides + list(case.overrides))
+    return overrides + list(case.overrides)
+
+
+def run_harness(case: Case, dtype: str) -> dict:
+    from harness.config import load_config
+    from harness.models import load_model, load_tokenizer
+    from harness.runner import run
+
+    from .flops import model_shapes
+
+    cfg = load_config(MODELS[case.model], harness_overrides(case, dtype))
     t0 = time.perf_counter()
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu")

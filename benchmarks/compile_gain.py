@@ -36,14 +36,10 @@ def main() -> None:
     from harness.models import load_model, load_tokenizer
     from harness.runner import run
 
-    folder = child.prepare(case.model)
+    child.prepare(case.model)
 
     def cfg(compile_: str):
-        overrides = [f"model.name_or_path={folder}", "model.gguf_file=null", "model.device=cpu", "eval.bootstrap=0",
-                     f"model.dtype={args.dtype}", f"eval.protocol={case.protocol}", f"eval.max_length={case.max_length}",
-                     f"eval.batch_size={case.batch_size}", f"eval.stride={case.stride}", f"corpus.max_tokens={case.tokens}",
-                     f"eval.compile={compile_}"]
-        return load_config(child.MODELS[case.model], overrides)
+        return load_config(child.MODELS[case.model], child.harness_overrides(case, args.dtype) + [f"eval.compile={compile_}"])
 
     base = cfg("false")
     tok, model = load_tokenizer(base.model), load_model(base.model, device="cpu")

@@ -130,8 +130,9 @@ def compile_cmd(
         compiled.Packaged(model, path)  # loads and checks it against the eager layer
     except Exception as err:  # noqa: BLE001 - a compiler problem, said in one line
         path.unlink(missing_ok=True)
-        line = (str(err).strip().splitlines() or [""])[0][:200]
-        _fail(f"compiling {cfg.model.name_or_path} failed ({type(err).__name__}: {line}); runs still work, uncompiled")
+        from .files import first_line
+
+        _fail(f"compiling {cfg.model.name_or_path} failed ({type(err).__name__}: {first_line(err, 200)}); runs still work, uncompiled")
     typer.echo(f"compiled in {time.perf_counter() - start:.1f} s: {path}")
 
 

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from .files import cache_root, first_line
+
 # Planned window tokens from which ``auto`` compiles just in time. Measured in bf16 on two CPU
 # cores (``benchmarks/compile_gain.py``): SmolLM2 compiles in ~7 s with inductor's cache warm
 # (~10-15 s cold) and then saves ~0.2 ms per window token (batch time 2.8 s -> 2.2 s at 4 x
@@ -100,10 +102,6 @@ def decoder_layers(model) -> torch.nn.ModuleList | None:
             if n > best_n:
                 best, best_n = module, n
     return best
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PPL_CACHE_DIR") or Path.home() / ".cache" / "ppl-harness")
 
 
 def use_cache_dir() -> None:
@@ -233,6 +231,7 @@ class Packaged:
         names = _tensor_names(self.layers[0])
         self.tensors = [_tensors(layer, names) for layer in self.layers]
         self.check(model)
+        self.calls = [self._call(i, layer) for i, layer in enumerate(self.layers)]
 
     def run(self, i: int, hidden, cos, sin) -> torch.Tensor:
         return self.loader.run([hidden.contiguous(), cos.contiguous(), sin.contiguous(), *self.tensors[i]])[0]
@@ -253,7 +252,9 @@ class Packaged:
         if not err <= tol:
             raise RuntimeError(f"the compiled layer differs from the eager one (relative error {err:.2e} > {tol:g})")
 
-    def install(self, i: int, layer):
+    def _call(self, i: int, layer):
+        """Layer ``i``'s call: the package on plain inputs, the eager layer otherwise."""
+
         def call(hidden_states, *args, **kw):
             plain = (not args and kw.get("attention_mask") is None and kw.get("position_embeddings") is not None
                      and kw.get("past_key_values") is None and kw.get("cache") is None)
@@ -262,7 +263,7 @@ class Packaged:
             cos, sin = kw["position_embeddings"]
             return self.run(i, hidden_states, cos, sin)
 
-        layer._compiled_call_impl = call
+        return call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +277,8 @@ class Body:
         self.model = model
         self.decision = decision
         self.layers = decoder_layers(model)
+        # the modules whose calls are replaced: the layers, or the whole body where none were found
+        self.modules = list(self.layers) if self.layers is not None else [model.base_model]
         self.package: Packaged | None = None
         self.package_error: str | None = None
         self.started = False
@@ -298,12 +301,8 @@ class Body:
                     self.how = f"ahead of time ({path.name})"
                     return
             except Exception as err:  # noqa: BLE001 - the package is an optimisation: fall back to JIT
-                self.package_error = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:160]}"
+                self.package_error = f"{type(err).__name__}: {first_line(err, 160)}"
         use_cache_dir()
-        if self.layers is None:
-            self.modules = [self.model.base_model]
-        else:
-            self.modules = list(self.layers)
         self.fns = [torch.compile(m._call_impl, dynamic=True) for m in self.modules]
         self.how = "just in time"
 
@@ -317,22 +316,19 @@ class Body:
             self.compile_seconds += time.perf_counter() - start
         start, graphs = time.perf_counter(), _graph_count()
         try:
-            if self.package is not None:
-                for i, layer in enumerate(self.layers):
-                    self.package.install(i, layer)
-            else:
-                for module, fn in zip(self.modules, self.fns):
-                    module._compiled_call_impl = fn  # what nn.Module.compile() sets; undone below
+            fns = self.package.calls if self.package is not None else self.fns
+            for module, fn in zip(self.modules, fns):
+                module._compiled_call_impl = fn  # what nn.Module.compile() sets; undone below
             hidden = eager(self.model, input_ids, attention_mask)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run uncompiled
-            line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            line = first_line(err, 200)
             also = f"; ahead of time: {self.package_error}" if self.package_error else ""
             warnings.warn(f"eval.compile: compiling failed ({type(err).__name__}: {line}{also}); scoring uncompiled", stacklevel=2)
             self.failed, self.how = True, "failed"
             hidden = None
         finally:
-            for layer in self.layers if self.layers is not None else [self.model.base_model]:
-                layer._compiled_call_impl = None
+            for module in self.modules:
+                module._compiled_call_impl = None
             if _graph_count() != graphs:  # just in time: a batch that compiled, its compute included
                 self.compile_seconds += time.perf_counter() - start
         if hidden is None:
@@ -381,6 +377,14 @@ def enable(model, decision: Decision | bool) -> Decision:
         return Decision(False, f"unavailable: {why}")
     _COMPILED[model] = Body(model, decision)
     return decision
+
+
+def note_how(model, section: dict) -> None:
+    """After scoring: add how the layers were compiled (ahead of time or just in time) to the
+    record's ``precision.compile`` section of a run that compiled."""
+    b = _COMPILED.get(model)
+    if section.get("on") and b is not None:
+        section["how"] = b.how
 
 
 def body(model, any_state: bool = False) -> Body | None:

@@ -10,14 +10,22 @@ and no traceback, before anything is written.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from .errors import HarnessError
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return (text[0] if text else type(err).__name__)[:limit]
+
+
+def cache_root() -> Path:
+    """Where the harness keeps what it makes for later runs: ``$PPL_CACHE_DIR``, else
+    ``~/.cache/ppl-harness`` (token cache, compiled layers, inductor's cache)."""
+    return Path(os.environ.get("PPL_CACHE_DIR") or Path.home() / ".cache" / "ppl-harness")
 
 
 def _kind(err: BaseException) -> str:
@@ -59,7 +67,7 @@ def reading(path: str | Path, key: str, what: str, fix: str, problem: str | None
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - a parser's own error types are many; each is a bad file here
-        raise HarnessError(f"{key}: {path} {problem or 'is not a valid ' + what} ({_kind(err)}: {_first_line(err)}); {fix}") from None
+        raise HarnessError(f"{key}: {path} {problem or 'is not a valid ' + what} ({_kind(err)}: {first_line(err)}); {fix}") from None
 
 
 # ---------------------------------------------------------------------------------------------

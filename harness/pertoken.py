@@ -27,7 +27,8 @@ SCHEMA = pa.schema([("document", pa.int64()), ("position", pa.int64()), ("token_
 
 
 class TokenWriter:
-    def __init__(self, folder: Path, streams, tokenizer):
+    def __init__(self, folder: Path, streams, tokenizer, finished=()):
+        """``finished``: windows already scored (taken over from a resumed run), written first."""
         self.folder, self.streams, self.tok = Path(folder), streams, tokenizer
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(f".{TOKENS}.*.tmp"):  # left by a killed run of this folder
@@ -37,6 +38,7 @@ class TokenWriter:
         os.close(fd)
         self.writer = pq.ParquetWriter(self.tmp, SCHEMA)
         self.rows = 0
+        self.append(finished)
 
     def append(self, finished) -> None:
         """Write the scored tokens of some finished windows (``resume.Finished``) as one row group."""

@@ -10,6 +10,7 @@ are scored (resume.py), so a rerun of a killed run continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -94,6 +95,35 @@ def _timing(dist, records, done, seconds: float, t0: float, t_corpus: float, mod
     }
 
 
+def _precision(cfg: RunConfig, model, windows) -> dict:
+    """The record's precision section, with what eval.compile decided for this run's plan."""
+    planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
+    return {**precision.describe(model, cfg.model.dtype, input_device(model)), "compile": compiled.enable(model, planned).as_dict()}
+
+
+def _scorer(cfg: RunConfig, settings, model, tokenizer, streams):
+    """score(windows, batch_size, sort_by_length, **kw): ``score_windows`` on this run's model and streams."""
+
+    def score(ws, batch_size, sort_by_length, **kw):
+        return score_windows(model, tokenizer, streams, ws, batch_size, cfg.eval.logits_chunk, sort_by_length, settings.max_length, **kw)
+
+    return score
+
+
+@contextlib.contextmanager
+def _cleaned_up(tokens_out, log, n_windows: int):
+    """Scoring that ends by an exception drops the half-written tokens file; Ctrl-C (or SIGTERM)
+    becomes the message saying what was kept and how to resume."""
+    try:
+        yield
+    except BaseException as err:
+        if tokens_out is not None:
+            tokens_out.close(keep=False)
+        if isinstance(err, KeyboardInterrupt):
+            raise interrupted(log, n_windows) from None
+        raise
+
+
 def run(
     cfg: RunConfig,
     output_dir: str | Path | None = None,
@@ -126,8 +156,7 @@ def run(
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     windows = protocols.plan_streams(settings, streams)
-    planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
-    prec = {**precision.describe(model, cfg.model.dtype, input_device(model)), "compile": compiled.enable(model, planned).as_dict()}
+    prec = _precision(cfg, model, windows)
     chash = record.config_hash(cfg, settings, prec)
     rid = record.run_id(cfg, settings, chash, output_dir)
     run_dir = Path(output_dir) if output_dir else root / rid
@@ -140,30 +169,18 @@ def run(
     done = dist.broadcast(log.open() if log else []) if resumable else []
     mine = dist.shard_padded(remaining(windows, done), padding)
 
-    def score(ws, batch_size, sort_by_length, **kw):
-        return score_windows(model, tokenizer, streams, ws, batch_size, cfg.eval.logits_chunk, sort_by_length, settings.max_length, **kw)
-
+    score = _scorer(cfg, settings, model, tokenizer, streams)
     trial = lambda ws: score(ws, len(ws), False, progress=False)  # noqa: E731  (the given windows as one batch)
     batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=input_device(model).type == "cpu")
     save_tokens = write and cfg.output.save_tokens  # each batch's scored tokens to tokens.parquet as they come
-    tokens_out = TokenWriter(run_dir, streams, tokenizer) if save_tokens and dist.is_main else None
-    if tokens_out is not None:
-        tokens_out.append(done)
-    try:
-        records, positions, seconds = score(
-            mine, batch_size, cfg.eval.sort_by_length, progress=progress and dist.is_main, scorer=pair,
-            on_batch=recorder(dist.gather, log, tokens_out) if resumable or save_tokens else None,
-        )
-    except BaseException as err:
-        if tokens_out is not None:
-            tokens_out.close(keep=False)
-        if isinstance(err, KeyboardInterrupt):
-            raise interrupted(log, len(windows)) from None
-        raise
+    tokens_out = TokenWriter(run_dir, streams, tokenizer, done) if save_tokens and dist.is_main else None
+    on_batch = recorder(dist.gather, log, tokens_out) if resumable or save_tokens else None
+    with _cleaned_up(tokens_out, log, len(windows)):
+        records, positions, seconds = score(mine, batch_size, cfg.eval.sort_by_length, scorer=pair, on_batch=on_batch,
+                                            progress=progress and dist.is_main)
 
     records, positions = _merge(dist, records, positions, done, windows, settings, streams)
-    if prec["compile"]["on"] and (body := compiled.body(model, any_state=True)) is not None:
-        prec["compile"]["how"] = body.how  # ahead of time (a cached package) or just in time
+    compiled.note_how(model, prec["compile"])
     seconds = max(dist.gather([seconds]))
     rec = record.build(
         run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,

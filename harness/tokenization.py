@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conditional, corpus as corpus_module, streaming, tokens as tokens_module
+from . import conditional, corpus as corpus_module, files, streaming, tokens as tokens_module
 from .config import CorpusConfig
 from .corpus import Source, concatenate, load_documents, source
 from .distributed import SingleProcess
@@ -49,7 +49,7 @@ class TokenizedCorpus:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PPL_CACHE_DIR") or Path.home() / ".cache" / "ppl-harness") / "tokens"
+    return files.cache_root() / "tokens"
 
 
 def _sha256_file(path: Path) -> str:

@@ -32,18 +32,30 @@ def block_size(window: int) -> int:
     return max(1, window // BLOCK_DIVISOR)
 
 
-@torch.compiler.disable  # eval.compile: a loop over blocks; traced, it made one graph per window length
 def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs):
     """Transformers attention function: block-sparse for sliding layers, SDPA otherwise.
 
     ``query`` [B, heads, T, D], ``key``/``value`` [B, kv_heads, S, D]; returns ([B, T, heads, D], None).
+    Without a mask (no padding: the compiled layers) the blocks run as one SDPA call
+    (``banded``), which traces for any length; with transformers' mask, block by block.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     q_len, kv_len = query.shape[2], key.shape[2]
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if window and attention_mask is None and (tracing or (q_len == kv_len and q_len > window)):
+        return banded(query, key, value, window, kwargs.get("scaling")), None
     if not window or q_len != kv_len or q_len <= window:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _block_by_block(module, query, key, value, attention_mask, window, **kwargs), None
+
+
+@torch.compiler.disable  # eval.compile just in time: a loop over blocks; traced, it made one graph per window length
+def _block_by_block(module, query, key, value, attention_mask, window, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
     step = block_size(window)
     outs = []
     for q0 in range(0, q_len, step):
@@ -57,7 +69,39 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
             module, query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], mask, **{**kwargs, "is_causal": False}
         )
         outs.append(out)
-    return torch.cat(outs, dim=1), None
+    return torch.cat(outs, dim=1)
+
+
+def banded(query, key, value, window: int, scaling: float | None = None) -> torch.Tensor:
+    """Causal sliding-window attention (no padding), every query block in one SDPA call.
+
+    The length is padded to ``n`` blocks of ``s`` queries; block ``i`` sees the ``P + s`` keys
+    ``[i*s - P, i*s + s)`` (``P``: ``window - 1`` rounded up to whole blocks), cut out of the
+    left-padded keys as overlapping views. Which of them it may see (causal, within the window,
+    not before the first token) is one mask shared by all blocks. Nothing here depends on the
+    length's value, so the function traces once for every length. Returns [B, T, heads, D].
+    """
+    B, heads, T, D = query.shape
+    kv_heads = key.shape[1]
+    s = block_size(window)
+    P = -(-(window - 1) // s) * s
+    n = (T + s - 1) // s
+    extra = n * s - T
+    q = torch.nn.functional.pad(query, (0, 0, 0, extra)).view(B, heads, n, s, D).transpose(1, 2).reshape(B * n, heads, s, D)
+
+    def blocks(x):  # [B, kv, T, D] -> [B * n, kv, P + s, D]
+        x = torch.nn.functional.pad(x, (0, 0, P, extra)).unfold(2, P + s, s)  # [B, kv, n, D, P + s]
+        return x.permute(0, 2, 1, 4, 3).reshape(B * n, kv_heads, P + s, D)
+
+    r = torch.arange(s, device=query.device)[:, None]
+    j = torch.arange(P + s, device=query.device)[None, :]
+    visible = (j <= r + P) & (j > r + P - window)  # [s, P + s], the same in every block
+    started = (torch.arange(n, device=query.device)[:, None, None] * s - P + j) >= 0  # [n, 1, P + s]
+    mask = (visible & started)[None].expand(B, n, s, P + s).reshape(B * n, 1, s, P + s)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, blocks(key), blocks(value), attn_mask=mask, scale=scaling, enable_gqa=heads != kv_heads
+    )
+    return out.view(B, n, heads, s, D).transpose(2, 3).reshape(B, n * s, heads, D)[:, :T]
 
 
 def block_mask(q0: int, q1: int, k0: int, window: int, device) -> torch.Tensor:

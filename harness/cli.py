@@ -120,20 +120,21 @@ def compile_cmd(
     if why:
         typer.echo(f"not compiled ahead of time ({why}); runs of >= {compiled.AUTO_MIN_TOKENS:,} window tokens compile just in time")
         return
-    path = compiled.package_path(model)
-    if path.is_file():
-        typer.echo(f"already cached: {path}")
+    paths = list(compiled.package_paths(model).values())
+    if all(p.is_file() for p in paths):
+        typer.echo(f"already cached: {', '.join(map(str, paths))}")
         return
     start = time.perf_counter()
     try:
-        compiled.build_package(model)
-        compiled.Packaged(model, path)  # loads and checks it against the eager layer
+        built = compiled.build_package(model)
+        compiled.Packaged(model, compiled.package_paths(model))  # loads and checks each against the eager layer
     except Exception as err:  # noqa: BLE001 - a compiler problem, said in one line
-        path.unlink(missing_ok=True)
+        for p in paths:
+            p.unlink(missing_ok=True)
         from .files import first_line
 
         _fail(f"compiling {cfg.model.name_or_path} failed ({type(err).__name__}: {first_line(err, 200)}); runs still work, uncompiled")
-    typer.echo(f"compiled in {time.perf_counter() - start:.1f} s: {path}")
+    typer.echo(f"compiled in {time.perf_counter() - start:.1f} s: {', '.join(map(str, built))}")
 
 
 @app.command("table")

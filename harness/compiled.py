@@ -138,13 +138,38 @@ def _rotary(model):
     return getattr(model.base_model, "rotary_emb", None)
 
 
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def variants(model) -> dict[str, list[int]]:
+    """The layers' indices by kind, one package per kind: Gemma-3's ``sliding_attention`` and
+    ``full_attention`` layers (``config.layer_types``) compute different things from tensors of
+    the same shapes; other models have one kind, ``layer``."""
+    n = len(decoder_layers(model))
+    types = getattr(_text_config(model), "layer_types", None)
+    if not types or len(types) < n or len(set(types[:n])) == 1:
+        return {"layer": list(range(n))}
+    groups: dict[str, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(str(types[i]), []).append(i)
+    return groups
+
+
 def packable(model) -> str | None:
     """None if the layers can be compiled ahead of time, else why not."""
+    from . import attention
+
     layers = decoder_layers(model)
     if layers is None:
         return "no stack of decoder layers found"
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return f"attention {getattr(model.config, '_attn_implementation', None)!r} (only sdpa is packaged)"
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ("sdpa", attention.NAME):
+        return f"attention {impl!r} (only sdpa and {attention.NAME} are packaged)"
+    text = _text_config(model)
+    if getattr(text, "use_bidirectional_attention", False) or getattr(text, "attn_logit_softcapping", None):
+        return "bidirectional or soft-capped attention"
     if _rotary(model) is None:
         return "no rotary table module (rotary_emb)"
     tensors = [t for m in (layers, _rotary(model)) for t in (*m.parameters(), *m.buffers())]
@@ -163,102 +188,171 @@ _NOT_SHAPE = {"_name_or_path", "transformers_version", "architectures", "dtype",
               "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
 
 
-def package_path(model) -> Path:
-    """Where the package of this model's layer (class, config, dtype, versions, CPU ISA) is cached."""
+def package_paths(model) -> dict[str, Path]:
+    """Where the package of each kind of this model's layers (class, config, attention, kind,
+    dtype, versions, CPU ISA) is cached."""
     import transformers
 
     layers = decoder_layers(model)
     dtype = next(layers.parameters()).dtype
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_SHAPE}
-    key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
-           "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
-           "isa": torch.backends.cpu.get_cpu_capability(), "tensors": _tensor_names(layers[0])}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return cache_root() / "compiled" / f"{cfg.get('model_type', 'model')}-{str(dtype).removeprefix('torch.')}-{digest}.pt2"
+    kinds = variants(model)
+    paths = {}
+    for kind in kinds:
+        key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
+               "attention": getattr(model.config, "_attn_implementation", None), "kind": kind,
+               "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
+               "isa": torch.backends.cpu.get_cpu_capability(), "tensors": _tensor_names(layers[0])}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        name = "-".join([cfg.get("model_type", "model"), str(dtype).removeprefix("torch."), *([kind] if len(kinds) > 1 else []), digest])
+        paths[kind] = cache_root() / "compiled" / f"{name}.pt2"
+    return paths
 
 
 def cached(model) -> bool:
-    """A compiled package for this model is on disk (and it can use one)."""
-    return packable(model) is None and package_path(model).is_file()
+    """Compiled packages for this model are on disk (and it can use them)."""
+    return packable(model) is None and all(p.is_file() for p in package_paths(model).values())
 
 
-def _example(model, batch: int = 2, length: int = 64):
-    layer = decoder_layers(model)[0]
+def _window(layer) -> int | None:
+    return getattr(getattr(layer, "self_attn", None), "sliding_window", None)
+
+
+def _lengths(model, kind: str) -> tuple[int, int]:
+    """(multiple, shortest) input length of a kind's package. A sliding-window kind takes whole
+    query blocks of its banded attention, at least two (``Packaged.run`` pads a call up to a
+    whole block; shorter calls run eagerly); other kinds take any length from 2."""
+    from . import attention
+
+    window = _window(decoder_layers(model)[variants(model)[kind][0]])
+    if not window:
+        return 1, 2
+    step = attention.block_size(window)
+    return step, 2 * step
+
+
+def _example(model, kind: str, batch: int = 2, length: int = 64):
+    layer = decoder_layers(model)[variants(model)[kind][0]]
     p = next(layer.parameters())
     g = torch.Generator().manual_seed(0)
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden = torch.randn(batch, length, cfg.hidden_size, generator=g).to(p.dtype)
-    cos, sin = _rotary(model)(hidden, torch.arange(length)[None])
+    hidden = torch.randn(batch, length, _text_config(model).hidden_size, generator=g).to(p.dtype)
+    rotary, positions = _rotary(model), torch.arange(length)[None]
+    import inspect
+
+    if "layer_type" in inspect.signature(type(rotary).forward).parameters:  # Gemma-3: a table per kind of layer
+        cos, sin = rotary(hidden, positions, kind)
+    else:
+        cos, sin = rotary(hidden, positions)
     return hidden, cos, sin
 
 
-def build_package(model) -> Path:
-    """Export one decoder layer and compile it with AOTInductor into the cache (atomically)."""
+def build_package(model) -> list[Path]:
+    """Export one decoder layer of each kind and compile it with AOTInductor into the cache
+    (atomically); kinds already cached are kept."""
     from torch.export import Dim
 
     layers = decoder_layers(model)
     names = _tensor_names(layers[0])
-    hidden, cos, sin = _example(model)
-    longest = int(getattr(model.config, "max_position_embeddings", 0) or 2**15)
-    batch, length = Dim("batch", min=1, max=4096), Dim("length", min=2, max=max(longest, 64))
-    with torch.no_grad():
-        program = torch.export.export(
-            _Layer(layers[0], names), (hidden, cos, sin, _tensors(layers[0], names)),
-            dynamic_shapes=({0: batch, 1: length}, {1: length}, {1: length}, [None] * len(names)),
-        )
-    path = package_path(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+    longest = max(int(getattr(_text_config(model), "max_position_embeddings", 0) or 2**15), 64)
+    batch = Dim("batch", min=1, max=4096)
     use_cache_dir()
     from torch._inductor import aoti_compile_and_package
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes, not the user's
-            aoti_compile_and_package(program, package_path=str(tmp))
-        os.replace(tmp, path)  # two processes building at once: each writes whole, the last wins
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    built = []
+    for kind, path in package_paths(model).items():
+        if path.is_file():
+            continue
+        layer = layers[variants(model)[kind][0]]
+        multiple, shortest = _lengths(model, kind)
+        if multiple == 1:
+            length = Dim("length", min=shortest, max=longest)
+        else:  # whole blocks: the banded attention's block count is then the length over the block
+            length = multiple * Dim("blocks", min=shortest // multiple, max=-(-longest // multiple))
+        hidden, cos, sin = _example(model, kind, length=max(64, 3 * multiple))
+        with torch.no_grad():
+            program = torch.export.export(
+                _Layer(layer, names), (hidden, cos, sin, _tensors(layer, names)),
+                dynamic_shapes=({0: batch, 1: length}, {1: length}, {1: length}, [None] * len(names)),
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation notes, not the user's
+                aoti_compile_and_package(program, package_path=str(tmp))
+            os.replace(tmp, path)  # two processes building at once: each writes whole, the last wins
+        finally:
+            tmp.unlink(missing_ok=True)
+        built.append(path)
+    return built
 
 
 class Packaged:
-    """The cached package, run for every layer with that layer's own tensors."""
+    """The cached packages, each layer run through its kind's package with its own tensors.
 
-    def __init__(self, model, path: Path):
-        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    Only batches without padding run through them (``unpadded``, set by ``Body`` per batch):
+    the package computes the causal (and sliding-window) mask itself, so transformers' mask for
+    such a batch says nothing it does not already know. A padded batch runs its layers eagerly.
+    """
+
+    def __init__(self, model, paths: dict[str, Path]):
+        self.loaders = {kind: torch._C._aoti.AOTIModelPackageLoader(str(p), "model", False, 1, -1) for kind, p in paths.items()}
         self.layers = decoder_layers(model)
+        kinds = variants(model)
+        self.kind = {i: kind for kind, idx in kinds.items() for i in idx}
+        self.lengths = {kind: _lengths(model, kind) for kind in kinds}
         names = _tensor_names(self.layers[0])
         self.tensors = [_tensors(layer, names) for layer in self.layers]
-        self.check(model)
+        self.unpadded = False
+        for kind in kinds:
+            self.check(model, kind)
         self.calls = [self._call(i, layer) for i, layer in enumerate(self.layers)]
 
-    def run(self, i: int, hidden, cos, sin) -> torch.Tensor:
-        return self.loader.run([hidden.contiguous(), cos.contiguous(), sin.contiguous(), *self.tensors[i]])[0]
+    def takes(self, i: int, length: int) -> bool:
+        return length >= self.lengths[self.kind[i]][1]
 
-    def check(self, model) -> None:
-        """The package against the eager layer, on a small input and the second layer's weights
-        (a package that had kept the first layer's weights would fail here)."""
-        hidden, cos, sin = _example(model, 2, 48)
-        i = 1 % len(self.layers)
+    def run(self, i: int, hidden, cos, sin) -> torch.Tensor:
+        """Layer ``i`` on [B, T, H] hidden states; T padded up to the kind's multiple (causal:
+        the padded positions come last, and no earlier position sees them)."""
+        kind, length = self.kind[i], hidden.shape[1]
+        extra = -length % self.lengths[kind][0]
+        if extra:
+            pad = torch.nn.functional.pad
+            hidden, cos, sin = pad(hidden, (0, 0, 0, extra)), pad(cos, (0, 0, 0, extra)), pad(sin, (0, 0, 0, extra))
+        out = self.loaders[kind].run([hidden.contiguous(), cos.contiguous(), sin.contiguous(), *self.tensors[i]])[0]
+        return out[:, :length] if extra else out
+
+    def check(self, model, kind: str) -> None:
+        """A kind's package against the eager layer with transformers' own masking, on a small
+        input longer than a sliding window and the weights of the kind's second layer (a package
+        that had kept the first layer's weights would fail here)."""
+        idx = variants(model)[kind]
+        i = idx[1 % len(idx)]
+        window = _window(self.layers[i])
+        length = max(min(window + 40, 4096) if window else 48, self.lengths[kind][1])
+        hidden, cos, sin = _example(model, kind, 2, length)
+        mask = None
+        if window:  # the stock sliding mask, [1, 1, T, T], True where a key is visible
+            q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+            mask = ((k <= q) & (k > q - window))[None, None]
         with torch.inference_mode():
             got = self.run(i, hidden, cos, sin).float()
-            want = self.layers[i](hidden, position_embeddings=(cos, sin), attention_mask=None)
+            want = self.layers[i](hidden, position_embeddings=(cos, sin), attention_mask=mask)
         if not isinstance(want, torch.Tensor):
             raise RuntimeError(f"the layer returns a {type(want).__name__}, not a tensor")
         want = want.float()
         tol = 1e-4 if hidden.dtype == torch.float32 else 3e-2
         err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         if not err <= tol:
-            raise RuntimeError(f"the compiled layer differs from the eager one (relative error {err:.2e} > {tol:g})")
+            raise RuntimeError(f"the compiled {kind} differs from the eager one (relative error {err:.2e} > {tol:g})")
 
     def _call(self, i: int, layer):
-        """Layer ``i``'s call: the package on plain inputs, the eager layer otherwise."""
+        """Layer ``i``'s call: the package on an unpadded batch, the eager layer otherwise."""
 
         def call(hidden_states, *args, **kw):
-            plain = (not args and kw.get("attention_mask") is None and kw.get("position_embeddings") is not None
-                     and kw.get("past_key_values") is None and kw.get("cache") is None)
-            if not plain:  # a padding mask or a cache: this call runs eagerly
+            plain = (self.unpadded and not args and kw.get("position_embeddings") is not None
+                     and kw.get("past_key_values") is None and kw.get("cache") is None and self.takes(i, hidden_states.shape[1]))
+            if not plain:  # a padding mask, a cache or a window too short for the package: eagerly
                 return layer._call_impl(hidden_states, *args, **kw)
             cos, sin = kw["position_embeddings"]
             return self.run(i, hidden_states, cos, sin)
@@ -292,13 +386,13 @@ class Body:
         self.started = True
         why = packable(self.model)
         if why is None:
-            path = package_path(self.model)
+            paths = package_paths(self.model)
             try:
-                if not path.is_file() and self.decision.build:
+                if self.decision.build:
                     build_package(self.model)
-                if path.is_file():
-                    self.package = Packaged(self.model, path)
-                    self.how = f"ahead of time ({path.name})"
+                if all(p.is_file() for p in paths.values()):
+                    self.package = Packaged(self.model, paths)
+                    self.how = f"ahead of time ({', '.join(p.name for p in paths.values())})"
                     return
             except Exception as err:  # noqa: BLE001 - the package is an optimisation: fall back to JIT
                 self.package_error = f"{type(err).__name__}: {first_line(err, 160)}"
@@ -316,6 +410,8 @@ class Body:
             self.compile_seconds += time.perf_counter() - start
         start, graphs = time.perf_counter(), _graph_count()
         try:
+            if self.package is not None:
+                self.package.unpadded = attention_mask is None
             fns = self.package.calls if self.package is not None else self.fns
             for module, fn in zip(self.modules, fns):
                 module._compiled_call_impl = fn  # what nn.Module.compile() sets; undone below

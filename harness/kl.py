@@ -86,7 +86,7 @@ def pair_token_stats(model, baseline, batch: Batch, logits_chunk: int | None = N
     out = {k: np.empty(m, np.float32) for k in ("nll_m", "nll_b", "kl", "dp")}
     agree = np.empty(m, bool)
     s = 0
-    for (_, x_b), (_, x_m) in zip(logit_chunks(baseline, batch, step), logit_chunks(model, batch, step)):
+    for (_, x_b, _), (_, x_m, _) in zip(logit_chunks(baseline, batch, step), logit_chunks(model, batch, step)):
         lp_b, lp_m = _log_probs(x_b), _log_probs(x_m.to(x_b.device))
         sl = slice(s, s + lp_b.shape[0])
         t = batch.targets[sl].to(lp_b.device)[:, None]

@@ -214,16 +214,40 @@ def head_workspace(model, step: int) -> torch.Tensor | None:
     return torch.empty(head.weight.shape[0] * _padded(step), dtype=torch.float32)
 
 
-def chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+# A row's sum of exponentials, taken without subtracting the row's largest logit first, is
+# trusted when it lies in [SUM_LOW, inf): no term overflowed, and terms that fell below float32's
+# normal range weigh < 1e-12 of it. That holds for any row whose largest logit lies between about
+# -46 and +76; other rows are computed again with the largest logit subtracted.
+SUM_LOW = 1e-20
+
+
+def chunk_nll(logits: torch.Tensor, targets: torch.Tensor, again=None) -> torch.Tensor:
     """-log softmax(logits)[target] = logsumexp(logits) - logits[target], row by row, float32.
 
     Computed in place (``logits`` is consumed): the only [m, V] tensor is the one the head made,
     where ``torch.logsumexp`` or ``log_softmax`` would each allocate another one or two.
+
+    With ``again(rows) -> logits of those rows`` (the head path), the exponentials are taken of
+    the logits as they are: one pass over the [m, V] floats instead of three (max, subtract, exp),
+    and each term rounded once, not after a subtraction. Rows whose sum is out of range
+    (``SUM_LOW``) are computed again, with their largest logit subtracted. Without it, always so.
     """
     picked = logits.gather(1, targets[:, None])[:, 0]
-    top = logits.amax(dim=1, keepdim=True)
-    lse = logits.sub_(top).exp_().sum(dim=1).log_().add_(top[:, 0])
+    if again is None:
+        return _shifted_lse(logits).sub_(picked)
+    total = logits.exp_().sum(dim=1)
+    lse = total.log()
+    bad = ~((total >= SUM_LOW) & torch.isfinite(total))  # NaN is bad too: computed again, found again
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0]
+        lse[rows] = _shifted_lse(again(rows))
     return lse.sub_(picked)
+
+
+def _shifted_lse(logits: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of each row with the row's largest logit subtracted first (consumes ``logits``)."""
+    top = logits.amax(dim=1, keepdim=True)
+    return logits.sub_(top).exp_().sum(dim=1).log_().add_(top[:, 0])
 
 
 def chunk_size(model, logits_chunk: int | None) -> int:
@@ -234,12 +258,13 @@ def chunk_size(model, logits_chunk: int | None) -> int:
 
 
 def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None = None):
-    """Yield (slice, float32 logits [m, V]) at the scored positions, ``step`` positions at a time.
+    """Yield (slice, float32 logits [m, V], again) at the scored positions, ``step`` positions at a time.
 
     The caller may overwrite each chunk, and must be done with it before asking for the next:
     chunks share one buffer (``workspace``, made here if not given). Known families run the
-    output head on the scored hidden states only; others give the model's own logits, gathered
-    at scored positions.
+    output head on the scored hidden states only, and ``again(rows)`` gives fresh logits of some
+    of the chunk's rows; others give the model's own logits, gathered at scored positions (and
+    ``again`` is None).
     """
     if uses_head_path(model):
         hidden = scored_hidden(model, batch)
@@ -247,7 +272,8 @@ def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None 
             if workspace is None:
                 workspace = head_workspace(model, min(step, hidden.shape[0]))
             for s in range(0, hidden.shape[0], step):
-                yield slice(s, s + step), head_logits(model, hidden[s : s + step], workspace)
+                part = hidden[s : s + step]
+                yield slice(s, s + step), head_logits(model, part, workspace), lambda rows, part=part: head_logits(model, part[rows])
         return
     dev = input_device(model)
     logits = model(
@@ -255,7 +281,7 @@ def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None 
     ).logits
     picked = logits[to_device(batch.rows, logits.device), to_device(batch.cols, logits.device)].float()
     for s in range(0, picked.shape[0], step):
-        yield slice(s, s + step), picked[s : s + step]
+        yield slice(s, s + step), picked[s : s + step], None
 
 
 # One head workspace per model (float32 CPU heads only), kept between batches: fresh memory for
@@ -286,11 +312,11 @@ def token_nlls(model, batch: Batch, logits_chunk: int | None = None) -> np.ndarr
     step = chunk_size(model, logits_chunk)
     workspace = cached_workspace(model, min(step, batch.targets.shape[0])) if uses_head_path(model) else None
     out, targets = None, None
-    for sl, logits in logit_chunks(model, batch, step, workspace):
+    for sl, logits, again in logit_chunks(model, batch, step, workspace):
         if out is None:  # NLLs stay on the device until the batch is done: one sync per batch
             targets = to_device(batch.targets, logits.device)
             out = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
-        out[sl] = chunk_nll(logits, targets[sl])
+        out[sl] = chunk_nll(logits, targets[sl], again)
     return np.zeros(0, dtype=np.float32) if out is None else out.cpu().numpy()
 
 

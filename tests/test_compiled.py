@@ -1,9 +1,9 @@
 """``eval.compile``: compiled decoder layers give the eager numbers (float32, 1e-5).
 
 The reference is the same run with ``eval.compile: false`` (plain eager forward). Llama-style
-layers (the tiny model, SmolLM2) are compiled ahead of time into a package in the cache; the
-second run finds it and loads it instead of compiling. Gemma-3 (block attention) is compiled
-just in time. Where compilation fails (here: a C++ compiler that does not exist), the run warns
+layers (the tiny model, SmolLM2) and Gemma-3's two kinds of layers are compiled ahead of time
+into packages in the cache; the second run finds them and loads them instead of compiling. The
+just-in-time path is tested on Gemma-3 with the package ruled out. Where compilation fails (here: a C++ compiler that does not exist), the run warns
 once and scores uncompiled, with the same numbers.
 
 Every test that may build a package points ``PPL_CACHE_DIR`` at a folder of its own, so no other
@@ -51,7 +51,7 @@ def test_compiled_equals_eager_tiny_ahead_of_time(tiny, tiny_corpus, own_cache):
         assert compiled.packable(model) is None and not compiled.cached(model)
         eager, comp = _pair(cfg, model, tok)
         assert comp["precision"]["compile"]["how"].startswith("ahead of time")
-        assert compiled.cached(model) and compiled.package_path(model).parent == own_cache / "compiled"
+        assert compiled.cached(model) and all(p.parent == own_cache / "compiled" for p in compiled.package_paths(model).values())
         compiled.enable(model, False)  # the next run starts from the package on disk
         _, again = _pair(cfg, model, tok, setting="auto")
         assert again["precision"]["compile"]["reason"] == "auto: the compiled layers are cached for this model"
@@ -81,22 +81,32 @@ def test_compiled_equals_eager_smollm2_slice(smollm2, own_cache):
         compiled.enable(model, False)
 
 
-def test_compiled_equals_eager_gemma3_sliding_layers(gemma3, own_cache):
-    """Gemma-3: windows longer than its 512-token sliding window, so the sliding layers run the
-    block attention (kept out of the graph) between compiled pieces of each layer."""
+def test_compiled_equals_eager_gemma3_sliding_layers(gemma3, own_cache, monkeypatch):
+    """Gemma-3 on windows longer than its 512-token sliding window. Ahead of time: one package
+    per kind of layer (sliding and full attention), the sliding one with the banded attention
+    traced in; the 361-token tail window is padded to whole blocks of 128. Just in time (forced
+    here by saying the model cannot be packaged): the block attention is kept out of the graph.
+    Both equal eager to 1e-5."""
     model, tok = gemma3
     cfg = {
         "model": dict(GEMMA3),
         "corpus": {**WIKITEXT, "max_tokens": 1000},
         "eval": {"protocol": "sliding", "max_length": 640, "stride": 320, "batch_size": 2, "bootstrap": 0},
     }
-    assert "sliding_blocks" in compiled.packable(model)  # not packaged: compiled just in time
+    assert compiled.packable(model) is None
+    assert set(compiled.variants(model)) == {"sliding_attention", "full_attention"}
     eager, comp = _pair(cfg, model, tok)
     try:
         assert comp.scored_tokens == eager.scored_tokens == 999
-        assert comp["precision"]["compile"]["how"] == "just in time"
+        assert comp["precision"]["compile"]["how"].startswith("ahead of time")
+        assert "sliding_attention" in comp["precision"]["compile"]["how"]
         assert not eager["precision"]["compile"]["on"]
         assert math.isclose(comp["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
+        compiled.enable(model, False)
+        monkeypatch.setattr(compiled, "packable", lambda m: "forced by the test")
+        _, jit = _pair(cfg, model, tok)
+        assert jit["precision"]["compile"]["how"] == "just in time"
+        assert math.isclose(jit["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
     finally:
         compiled.enable(model, False)
 

@@ -111,3 +111,33 @@ def test_head_paths_agree(tiny):
         fast = head_logits(model, hidden, ws)
     assert fast.shape == plain.shape
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_unshifted_log_sum_exp_and_rows_computed_again():
+    """``chunk_nll`` with ``again`` (the head path: exponentials of the logits as they are)
+    against float64 log-softmax; rows out of its range (a logit of 100: the sum overflows; every
+    logit below -60: it underflows; NaN) are computed again with their max subtracted, and only
+    those rows."""
+    from harness.scoring import chunk_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=gen) * 4
+    logits[1, 17] = 100.0  # overflow
+    logits[2] = logits[2] - 80.0  # underflow (largest logit near -65)
+    logits[3, 5] = 75.0  # large, still in range
+    logits[4, 9] = float("nan")
+    targets = torch.tensor([3, 17, 40, 5, 0, 4999])
+    ref = -torch.log_softmax(logits.double(), dim=1).gather(1, targets[:, None])[:, 0]
+    asked = []
+
+    def again(rows):
+        asked.append(rows.tolist())
+        return logits[rows].clone()
+
+    got = chunk_nll(logits.clone(), targets, again)
+    assert asked == [[1, 2, 4]]
+    ok = torch.tensor([True, True, True, True, False, True])
+    torch.testing.assert_close(got[ok].double(), ref[ok], rtol=2e-6, atol=2e-6)
+    assert torch.isnan(got[4])
+    shifted = chunk_nll(logits.clone(), targets)  # without again: max subtracted in every row
+    torch.testing.assert_close(got[ok], shifted[ok], rtol=2e-6, atol=2e-6)

@@ -78,10 +78,9 @@ def _sliding(default_target: float, bf16_target: float, peak: float | None = Non
 # tokens (31 windows; the full split has ~560). The lm-eval cases take the first three articles
 # (9,728 SmolLM2 tokens); one article alone is two windows.
 #
-# Before the cases run, SmolLM2's layers are compiled ahead of time into the harness's cache (as
-# `ppl compile` or any long run does once per machine; the time is printed), so the harness's
-# default (eval.compile: auto) runs them compiled at every length. Gemma-3's layers cannot be
-# packaged (block attention); at these lengths its runs stay eager.
+# Before the cases run, each model's layers are compiled ahead of time into the harness's cache
+# (as `ppl compile` or any long run does once per machine; the time is printed), so the harness's
+# default (eval.compile: auto) runs them compiled at every length.
 CASES = [
     Case("smollm2 L1024 S512", "smollm2", "sliding", 1024, 512, 4, tokens=16384, comparisons=_sliding(3.5, 1.3, 0.6)),
     Case("gemma3 L1024 S256", "gemma3", "sliding", 1024, 256, 4, tokens=4096, comparisons=_sliding(5.0, 2.0)),

@@ -49,14 +49,25 @@ def run_harness(case: Case, dtype: str) -> dict:
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu")
     load_s = time.perf_counter() - t0
+    # the machine's bf16 GEMM peak in this process just before and after scoring (the larger):
+    # the share of the peak is then taken against what the CPU gave during this very run (the
+    # peak read at a bench's start swung from 717 to 1,301 GFLOP/s between two runs). Not in the
+    # memory case: its matrices would count in the peak RSS.
+    import torch
+
+    from .timing import gemm_peak
+
+    peaks = [] if case.memory_limit_gb else [gemm_peak(torch.bfloat16)]
     res = run(cfg, model=model, tokenizer=tok, write=False, progress=False)
+    if peaks:
+        peaks.append(gemm_peak(torch.bfloat16))
     w = res.windows
     lengths = (w["end"] - w["begin"] + w["prefix"].astype(int)).astype(int).tolist()
     return {"scored_tokens": res.scored_tokens, "sum_nll": res["sum_nll"], "perplexity": res.perplexity,
             "word_perplexity": res["word_perplexity"], "load_s": load_s, "score_s": res["scoring_seconds"],
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "compile": res["precision"]["compile"]["on"],
             "compile_s": res["compile_seconds"],
-            "window_lengths": lengths, "shapes": model_shapes(model)}
+            "window_lengths": lengths, "shapes": model_shapes(model), "gemm_peak_bf16": max(peaks, default=None)}
 
 
 def run_hf_guide(case: Case, dtype: str) -> dict:
@@ -75,11 +86,15 @@ def run_hf_guide(case: Case, dtype: str) -> dict:
     test = load_dataset("parquet", data_files={"test": str(mirror("Salesforce/wikitext"))}, split="test")
     encodings = tokenizer("\n\n".join(test["text"]), return_tensors="pt")
     input_ids = encodings.input_ids[:, : case.tokens]
+    from .timing import gemm_peak
+
+    peaks = [gemm_peak(torch.bfloat16)]  # as in run_harness
     t1 = time.perf_counter()
     nll, n, _ = hf_guide_nll(model, input_ids, case.max_length, case.stride)
     score_s = time.perf_counter() - t1
+    peaks.append(gemm_peak(torch.bfloat16))
     return {"scored_tokens": n, "sum_nll": nll, "perplexity": math.exp(nll / n), "load_s": load_s, "score_s": score_s,
-            "dtype": dtype}
+            "dtype": dtype, "gemm_peak_bf16": max(peaks)}
 
 
 def run_tool(tool: str, case: Case) -> dict:

@@ -11,6 +11,10 @@ Every tool of a case runs ``--repeats`` times, the tools in turn (A B C A B C ..
 spell of the machine hits them alike; the table gives the median tokens/s, the spread (min..max)
 and ratios of medians. The measured bf16 GEMM peak is printed in the same run, and each row's
 achieved FLOP/s as a fraction of it (FLOPs counted from the model's shapes: benchmarks/flops.py).
+The harness's and the guide's runs measure that peak themselves, in their own process just
+before and after scoring, and their fraction is taken against it: the machine's peak swings
+between minutes (717 and 1,301 GFLOP/s at the start of two runs), and a share of a peak read
+ten minutes earlier measured the swing as much as the tool.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.cases import CASES, REPO, Case  # noqa: E402
 from benchmarks.flops import task_flops  # noqa: E402
+from benchmarks.timing import gemm_peak  # noqa: E402
 
 # Perplexities of two tools on the same tokens agree to float32 rounding; anything larger is a
 # real disagreement. The bound is set by the other tools, not the harness: on SmolLM2's first
@@ -66,21 +71,6 @@ def run_child(python: str, args: list[str]) -> tuple[int, float, int]:
 
 def scaled(case: Case, scale: float) -> Case:
     return dataclasses.replace(case, tokens=int(case.tokens * scale), documents=max(1, round(case.documents * scale)) if case.documents else 0)
-
-
-def gemm_peak(dtype, n: int = 4096, repeat: int = 3) -> float:
-    """Best FLOP/s of an n x n x n matmul in ``dtype`` on this machine (one warm-up call)."""
-    import torch
-
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
 
 
 def run_tool(case: Case, tool: str, lm_python: str | None) -> dict:
@@ -132,6 +122,8 @@ def summarize(runs: list[dict]) -> dict:
         "compile_s": statistics.median(r.get("compile_s") or 0.0 for r in ok) if first.get("compile") else None,
         "wall_s": statistics.median(r["wall_s"] for r in ok), "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "note": "",
     })
+    if all(r.get("gemm_peak_bf16") for r in ok):  # the harness: the peak its own process measured around scoring
+        out["gemm_peak_bf16"] = statistics.median(r["gemm_peak_bf16"] for r in ok)
     # a tool's runs score the same tokens to the same number, up to float32 summation order (a
     # threaded reduction need not add in the same order twice: lm-eval's two float32 runs were not
     # bitwise equal in one `make bench`); anything larger is a real disagreement
@@ -162,14 +154,16 @@ def case_rows(case: Case, stats: dict[str, dict], peak_bf16: float) -> list[dict
         flops = task_flops(ref["shapes"], ref["window_lengths"], ref["scored_tokens"])
 
     def row(kind: str, tool: str, s: dict) -> dict:
-        r = {"case": case.name, "kind": kind, "tool": tool, **{k: v for k, v in s.items() if k not in ("window_lengths", "shapes")}}
+        r = {"case": case.name, "kind": kind, "tool": tool, **{k: v for k, v in s.items() if k not in ("window_lengths", "shapes", "gemm_peak_bf16")}}
         if case.protocol != "lm-eval":
             r.pop("word_perplexity", None)  # the HF loop has no word counts; token PPL is the number
         if "tokens_per_s" in s:
             r["spread"] = f"{s['tps_min']:.1f}..{s['tps_max']:.1f}"
             if flops:
                 r["gflop_s"] = flops / s["score_s"] / 1e9
-                r["peak_fraction"] = flops / s["score_s"] / peak_bf16
+                # against the bf16 peak measured in the same process just before and after its
+                # scoring (the larger), where the tool reports it; else the run's start peak
+                r["peak_fraction"] = flops / s["score_s"] / s.get("gemm_peak_bf16", peak_bf16)
         if "perplexity" in s and "harness:float32" in stats and tool != "harness:float32":
             r["dppl_pct"] = 100 * (s["perplexity"] / stats["harness:float32"]["perplexity"] - 1)
         return r
@@ -284,7 +278,9 @@ def main() -> None:
         rows += case_rows(case, stats, peaks[0])
     peaks.append(gemm_peak(torch.bfloat16))  # again at the end: was the machine as quiet throughout?
     header = (f"Measured GEMM peak (4096^3 matmul, best of 3): bf16 {peaks[0] / 1e9:.0f} GFLOP/s at the start, "
-              f"{peaks[2] / 1e9:.0f} at the end; float32 {peaks[1] / 1e9:.0f} GFLOP/s. "
+              f"{peaks[2] / 1e9:.0f} at the end; float32 {peaks[1] / 1e9:.0f} GFLOP/s. The harness's and the HF guide's "
+              f"'of bf16 peak' are against the bf16 peak each run measured in its own process just before and after "
+              f"scoring (the larger; median over runs), lm-eval's against the start peak. "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
               f"{args.repeats} runs per tool, in turn." + (f" Harness overrides: {' '.join(args.set)}." if args.set else ""))
     table = write_outputs(rows, args.out, header)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 
@@ -13,3 +14,18 @@ def best(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def gemm_peak(dtype, n: int = 4096, repeat: int = 3) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` on this machine (one warm-up call)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    fastest = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2.0 * n**3 / fastest

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import HarnessError
-from .scoring import Batch, chunk_size, logit_chunks
+from .scoring import Batch, chunk_size, log_sum_exp, logit_chunks
 
 KL_COLUMNS = ["kl_sum", "kl_max", "top1_agree", "base_sum_nll", "delta_p_sq_sum"]
 
@@ -68,13 +68,12 @@ def kl_statistics(kl, delta_p, nll_model, nll_base, top1_agree) -> dict:
     }
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """``x - logsumexp(x)`` in place: the NLL of ``scoring.token_nlls`` (to the bit on equal chunks).
-
-    (torch.log_softmax in float32 on CPU comes out about 1e-5 nats per token low on a 49k
-    vocabulary; the log-sum-exp route does not, so the KL mode's perplexities equal plain runs'.)
+def _log_probs(logits: torch.Tensor, again=None) -> torch.Tensor:
+    """``x - logsumexp(x)`` in place, the log-sum-exp taken as ``scoring.token_nlls`` takes it, so
+    the KL mode's NLLs equal plain runs' (to the bit on equal chunks). (torch.log_softmax in
+    float32 on CPU comes out about 1e-5 nats per token low on a 49k vocabulary.)
     """
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    return logits.sub_(log_sum_exp(logits, again)[:, None])
 
 
 @torch.inference_mode()
@@ -86,8 +85,9 @@ def pair_token_stats(model, baseline, batch: Batch, logits_chunk: int | None = N
     out = {k: np.empty(m, np.float32) for k in ("nll_m", "nll_b", "kl", "dp")}
     agree = np.empty(m, bool)
     s = 0
-    for (_, x_b, _), (_, x_m, _) in zip(logit_chunks(baseline, batch, step), logit_chunks(model, batch, step)):
-        lp_b, lp_m = _log_probs(x_b), _log_probs(x_m.to(x_b.device))
+    for (_, x_b, again_b), (_, x_m, again_m) in zip(logit_chunks(baseline, batch, step), logit_chunks(model, batch, step)):
+        lp_b = _log_probs(x_b, again_b)
+        lp_m = _log_probs(x_m.to(x_b.device), None if again_m is None else lambda rows: again_m(rows).to(x_b.device))
         sl = slice(s, s + lp_b.shape[0])
         t = batch.targets[sl].to(lp_b.device)[:, None]
         g_b, g_m = lp_b.gather(1, t)[:, 0], lp_m.gather(1, t)[:, 0]

@@ -226,22 +226,28 @@ def chunk_nll(logits: torch.Tensor, targets: torch.Tensor, again=None) -> torch.
 
     Computed in place (``logits`` is consumed): the only [m, V] tensor is the one the head made,
     where ``torch.logsumexp`` or ``log_softmax`` would each allocate another one or two.
+    """
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    return log_sum_exp(logits, again, in_place=True).sub_(picked)
+
+
+def log_sum_exp(logits: torch.Tensor, again=None, in_place: bool = False) -> torch.Tensor:
+    """log sum_v exp(logits[:, v]), row by row, float32 (``in_place`` consumes ``logits``).
 
     With ``again(rows) -> logits of those rows`` (the head path), the exponentials are taken of
     the logits as they are: one pass over the [m, V] floats instead of three (max, subtract, exp),
     and each term rounded once, not after a subtraction. Rows whose sum is out of range
     (``SUM_LOW``) are computed again, with their largest logit subtracted. Without it, always so.
     """
-    picked = logits.gather(1, targets[:, None])[:, 0]
     if again is None:
-        return _shifted_lse(logits).sub_(picked)
-    total = logits.exp_().sum(dim=1)
+        return _shifted_lse(logits if in_place else logits.clone())
+    total = (logits.exp_() if in_place else logits.exp()).sum(dim=1)
     lse = total.log()
     bad = ~((total >= SUM_LOW) & torch.isfinite(total))  # NaN is bad too: computed again, found again
     if bool(bad.any()):
         rows = bad.nonzero()[:, 0]
         lse[rows] = _shifted_lse(again(rows))
-    return lse.sub_(picked)
+    return lse
 
 
 def _shifted_lse(logits: torch.Tensor) -> torch.Tensor:

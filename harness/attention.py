@@ -9,6 +9,11 @@ window and padding) cut out of transformers' own mask for that block; positions 
 masked in the full computation anyway, so each block's softmax is over the same keys and the
 result is the same number (held to 1e-6 in float32 by the tests).
 
+With transformers' mask the blocks run one SDPA call each. Without one (an unpadded batch, as the
+compiled layers run it) they run as one call (``banded``): the keys of every block are
+overlapping views of the left-padded keys, and one mask serves all blocks; that form traces for
+any length, so ``eval.compile`` exports it into Gemma-3's sliding-layer package.
+
 The function is registered with transformers' ``AttentionInterface`` as ``sliding_blocks``,
 with transformers' SDPA mask builder; global layers and windows no longer than the sliding
 window go to transformers' own SDPA function unchanged. ``install(model)`` switches a loaded
@@ -53,6 +58,7 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
 
 @torch.compiler.disable  # eval.compile just in time: a loop over blocks; traced, it made one graph per window length
 def _block_by_block(module, query, key, value, attention_mask, window, **kwargs):
+    """One SDPA call per query block, each with its block of transformers' mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
@@ -61,10 +67,7 @@ def _block_by_block(module, query, key, value, attention_mask, window, **kwargs)
     for q0 in range(0, q_len, step):
         q1 = min(q0 + step, q_len)
         k0 = max(0, q0 - window + 1)
-        if attention_mask is not None:
-            mask = attention_mask[..., q0:q1, k0:q1].contiguous()  # a strided mask slowed SDPA down
-        else:
-            mask = block_mask(q0, q1, k0, window, query.device)
+        mask = attention_mask[..., q0:q1, k0:q1].contiguous()  # a strided mask slowed SDPA down
         out, _ = sdpa_attention_forward(
             module, query[:, :, q0:q1], key[:, :, k0:q1], value[:, :, k0:q1], mask, **{**kwargs, "is_causal": False}
         )
@@ -102,13 +105,6 @@ def banded(query, key, value, window: int, scaling: float | None = None) -> torc
         q, blocks(key), blocks(value), attn_mask=mask, scale=scaling, enable_gqa=heads != kv_heads
     )
     return out.view(B, n, heads, s, D).transpose(2, 3).reshape(B, n * s, heads, D)[:, :T]
-
-
-def block_mask(q0: int, q1: int, k0: int, window: int, device) -> torch.Tensor:
-    """[1, 1, q1 - q0, q1 - k0] boolean: key j visible from query i iff i - window < j <= i."""
-    q = torch.arange(q0, q1, device=device)[:, None]
-    k = torch.arange(k0, q1, device=device)[None, :]
-    return ((k <= q) & (k > q - window))[None, None]
 
 
 def register() -> str:

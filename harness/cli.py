@@ -90,7 +90,7 @@ def run_cmd(
         raise typer.Exit(128 + received.get("signal", signal.SIGINT)) from None
     if result.run_dir is None:
         return  # not the main process
-    from .report import summary_rows
+    from .summary import summary_rows
 
     rows = summary_rows(result.record)
     for k, v in rows:
@@ -282,7 +282,7 @@ def report_cmd(
     screenshot: Optional[Path] = typer.Option(None, "--screenshot", help="Also write a PNG of the page's top (headless Chromium)."),
 ):
     """Write one self-contained HTML page: leaderboard, runs, comparisons and sweeps found in the results."""
-    from .report import screenshot as take_screenshot
+    from .screenshot import screenshot as take_screenshot
     from .report import write_report
 
     path, rep = write_report(results or [Path("results")], output)

@@ -17,7 +17,7 @@ bits per byte of their targets, never on perplexity.
 
 Significance. Two runs that scored the same windows are *paired*: the difference of their
 per-unit NLL sums removes most of the corpus's own variance (hard documents are hard for both).
-``paired_bootstrap`` resamples units (documents, or windows of a single stream) with replacement
+``paired_bootstrap`` (``paired.py``) resamples units (documents, or windows of a single stream) with replacement
 and recomputes, for each resample, ``PPL_B - PPL_A = exp(sum_B / n) - exp(sum_A / n)`` on the
 same drawn units; the 2.5 and 97.5 percentiles give the 95% interval of the difference, and the
 difference is significant when that interval excludes zero. Unpaired runs (no windows file, or
@@ -28,7 +28,6 @@ conservative and said so in the table.
 from __future__ import annotations
 
 import glob
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import HarnessError
+from .paired import paired_bootstrap
 from .results import RECORD, WINDOWS, atomic_write_text, iter_records, read_record
 
 WINDOW_KEYS = ["doc", "begin", "end", "score_begin", "score_end", "prefix", "replace_first"]
@@ -157,73 +157,6 @@ def check_comparable(base: Run, other: Run, across_tokenizers: bool = False) -> 
             else:
                 fix = "compare runs of the same corpus text and protocol settings"
             raise HarnessError(f"{name} differs: {base.label} has {va!r}, {other.label} has {vb!r}; {fix}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Paired bootstrap (pure numpy)
-
-
-def resample_indices(n: int, samples: int, seed: int, chunk: int = 256) -> Iterator[np.ndarray]:
-    """Bootstrap draws of ``n`` unit indices, ``chunk`` resamples at a time (bounded memory)."""
-    rng = np.random.default_rng(seed)
-    for k in range(0, samples, chunk):
-        yield rng.integers(0, n, size=(min(chunk, samples - k), n))
-
-
-def _metric(sum_nll, denom, metric: str):
-    if metric == "perplexity":
-        return np.exp(np.asarray(sum_nll) / denom)
-    return np.asarray(sum_nll) / (np.asarray(denom) * math.log(2))  # bits per byte
-
-
-@dataclass
-class Paired:
-    """B against A on the same units: the difference of a metric, its interval and a verdict."""
-
-    metric: str  # "perplexity" or "bits_per_byte"
-    units: int
-    delta: float  # metric(B) - metric(A) on all units
-    ratio: float  # metric(B) / metric(A)
-    ci95: list[float]  # percentile interval of delta
-    ratio_ci95: list[float]
-    p_value: float  # two-sided: 2 * min(share of resamples with delta <= 0, with delta >= 0)
-    samples: int
-    stats: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
-
-    @property
-    def significant(self) -> bool:
-        return not (self.ci95[0] <= 0.0 <= self.ci95[1])
-
-
-def paired_bootstrap(
-    nll_a, nll_b, denom_a, denom_b=None, *, metric: str = "perplexity", samples: int = 1000, seed: int = 0, level: float = 0.95
-) -> Paired:
-    """Paired percentile bootstrap of metric(B) - metric(A) over units.
-
-    ``nll_a[i]`` and ``nll_b[i]`` are the NLL sums (nats) of unit ``i`` under runs A and B,
-    ``denom_a[i]`` its token count (perplexity) or byte count (bits per byte); ``denom_b``
-    defaults to ``denom_a`` (the same tokens). Every resample draws the same units for A and B.
-    """
-    a, b = np.asarray(nll_a, np.float64), np.asarray(nll_b, np.float64)
-    da = np.asarray(denom_a, np.float64)
-    db = da if denom_b is None else np.asarray(denom_b, np.float64)
-    if not (len(a) == len(b) == len(da) == len(db)) or len(a) < 2:
-        raise ValueError("paired bootstrap needs at least two units, the same number for both runs")
-    if samples < 1:
-        raise ValueError("samples must be positive")
-    va, vb = _metric(a.sum(), da.sum(), metric), _metric(b.sum(), db.sum(), metric)
-    delta = np.empty(samples)
-    ratio = np.empty(samples)
-    k = 0
-    for idx in resample_indices(len(a), samples, seed):
-        ma = _metric(a[idx].sum(1), da[idx].sum(1), metric)
-        mb = _metric(b[idx].sum(1), db[idx].sum(1), metric)
-        delta[k : k + len(idx)], ratio[k : k + len(idx)] = mb - ma, mb / ma
-        k += len(idx)
-    q = [(1 - level) / 2, (1 + level) / 2]
-    p = min(1.0, 2 * min(np.mean(delta <= 0), np.mean(delta >= 0)))
-    return Paired(metric, len(a), float(vb - va), float(vb / va), [float(x) for x in np.quantile(delta, q)],
-                  [float(x) for x in np.quantile(ratio, q)], float(p), samples, delta)
 
 
 def paired_units(wa: pd.DataFrame, wb: pd.DataFrame, denom: str = "tokens") -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:

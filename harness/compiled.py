@@ -1,26 +1,33 @@
 """``eval.compile``: the model's decoder layers compiled by inductor (regional compilation).
 
-What is compiled is one decoder layer, not the whole model: every layer of a model runs the same
-code on weights of the same shapes, so one compiled layer serves all of them, with each layer's
-weights passed in as inputs. The rest of the body (embedding, mask, rotary tables, final norm)
-stays eager: it is a few operations. What compiling fuses is the element-wise work (norms,
-rotary, activation, residual adds); matrix products and attention run the same kernels. Measured
-on SmolLM2 bf16, batch 4 x 1,024 (two CPU cores): 2.2-2.4 s per batch compiled, 2.8-3.1 s eager.
+What is compiled is one decoder layer of each kind, not the whole model: every layer of a kind
+runs the same code on weights of the same shapes, so one compiled layer serves all of them, with
+each layer's weights passed in as inputs. Most models have one kind; Gemma-3 has two (sliding
+and full attention, ``config.layer_types``). The rest of the body (embedding, mask, rotary
+tables, final norm) stays eager: it is a few operations. What compiling fuses is the element-wise
+work (norms, rotary, activation, residual adds); matrix products and attention run the same
+kernels. Measured bf16, two CPU cores: SmolLM2 2.2-2.4 s per 4 x 1,024 batch compiled against
+2.8-3.1 s eager; Gemma-3's 4,095-token bench slice 12.6 s against 14.4 s.
 
 Two ways, tried in this order:
 
-- **Ahead of time, cached on disk** (``Packaged``; CPU, Llama-style layers). The layer is
-  exported with ``torch.export`` (batch and length dynamic) and compiled by AOTInductor into a
-  package under ``$PPL_CACHE_DIR/compiled/`` (default ``~/.cache/ppl-harness/compiled``), keyed by
-  the layer's class and the model's config, dtype, torch/transformers versions and the CPU's
-  vector ISA. Building it takes 15-20 s for SmolLM2 on two cores (~40 s with inductor's cache
-  cold), once per machine; loading it takes milliseconds, so a run that finds it pays nothing for
-  compiling. A batch with a padding mask (the lm-eval preset's short last windows) runs that
-  layer call eagerly.
+- **Ahead of time, cached on disk** (``Packaged``; CPU, SDPA or Gemma-3's block attention). One
+  layer of each kind is exported with ``torch.export`` (batch and length dynamic) and compiled by
+  AOTInductor into a package under ``$PPL_CACHE_DIR/compiled/`` (default
+  ``~/.cache/ppl-harness/compiled``), keyed by the layer's class and the model's config,
+  attention function, kind, dtype, torch/transformers versions, inductor options and the CPU's
+  vector ISA. Building takes 15-20 s for SmolLM2 and 27-42 s for Gemma-3's two kinds on two
+  cores, once per machine; loading takes milliseconds, so a run that finds them pays nothing for
+  compiling. The packages run unpadded batches; a padded batch (the lm-eval preset's short last
+  windows) runs its layers eagerly. Gemma-3's sliding kind traces the banded attention
+  (``attention.banded``) and takes whole blocks of 128 positions, at least two: a call is padded
+  up to them (at the end, where causality hides the padding), and a shorter one runs eagerly.
 - **Just in time** (``torch.compile`` of each layer's call, dynamic shapes: one graph for every
-  window length and batch size, nothing padded): for other models (Gemma-3's block attention is
-  kept out of the graph) and devices. It costs ~7 s per run with inductor's on-disk cache warm
-  (~10-15 s cold) for SmolLM2, ~14 s (~45 s cold) for Gemma-3.
+  window length and batch size, nothing padded): for other models and devices (Gemma-3's block
+  loop, used where transformers passes a mask, is kept out of the graph). It costs ~7 s per run
+  with inductor's on-disk cache warm (~10-15 s cold) for SmolLM2, ~14 s (~45 s cold) for Gemma-3.
+
+Both round a fused kernel's intermediate values to bf16 where the eager code does (``INDUCTOR``).
 
 ``eval.compile: auto`` (the default, ``decide``): compile whenever a cached package exists for
 the model; otherwise when the run is long enough to pay for compiling (``AUTO_MIN_TOKENS`` window

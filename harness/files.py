@@ -122,3 +122,16 @@ def safetensors_file(path: str | Path, key: str, fix: str) -> Path:
         with safe_open(str(p), framework="pt") as f:
             f.keys()
     return p
+
+
+def writable_output(out: Path) -> None:
+    """A file a command was told to write (``-o``) can be written: not a folder, in a writable
+    folder (or one that can be made), not read-only; else a one-line error naming ``-o``."""
+    if out.is_dir():
+        raise HarnessError(f"-o {out} is a folder; give a file name such as {out / 'report.html'}")
+    parent = out.parent
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HarnessError(f"cannot write {out}: {existing or parent} is not a writable folder; choose another -o")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise HarnessError(f"cannot write {out}: the file is read-only; choose another -o")

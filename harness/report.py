@@ -26,222 +26,24 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import subprocess
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .charts import Chart, interval_bars, line_chart
 from .compare import NOTE, TOKENIZER_DEPENDENT, Run, _get, comparable_fields, unique_labels
 from .errors import HarnessError
-from .precision import summary_line
+from .files import writable_output
 from .results import RECORD, WINDOWS, atomic_write_text, read_record, table_row
+from .summary import fmt, fmt_ci, fmt_cell, precision, sort_value, summary_rows
 
 POSITIONS = "positions.parquet"
 SAMPLES = "samples.parquet"
 WORST_SAMPLES = 10
-MAX_POINTS = 400  # points drawn per line; longer series are thinned (drawing only)
 POSITION_BINS = 128
-PALETTE = ["#3b6fb6", "#d0703c", "#3f9a5b", "#b8405e", "#7b5ea7", "#8c6d46", "#c464a8", "#6f6f6f"]
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting (the only arithmetic on record numbers is here: how many digits to show)
-
-
-def fmt(x, spec: str = ".4f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    if isinstance(x, (bool, np.bool_)):
-        return "yes" if x else "no"
-    try:
-        return format(x, spec)
-    except (TypeError, ValueError):
-        return str(x)
-
-
-def fmt_ci(ci) -> str:
-    if not ci or None in ci[:2]:
-        return "n/a"
-    return f"{fmt(ci[0])} .. {fmt(ci[1])}"
-
-
-def fmt_cell(x) -> str:
-    """A table cell from a csv or parquet value: ints with separators, floats to 4 decimals."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return ""
-    if isinstance(x, (bool, np.bool_)):
-        return "yes" if x else "no"
-    if isinstance(x, (int, np.integer)):
-        return f"{int(x):,}"
-    if isinstance(x, (float, np.floating)):
-        return fmt(float(x), ".4f") if abs(x) >= 1e-3 or x == 0 else fmt(float(x), ".4g")
-    return str(x)
-
-
-def sort_value(x) -> str:
-    """What the page's script sorts by: the full number, or the text."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return ""
-    return repr(float(x)) if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) else str(x)
-
-
-def summary_rows(r: dict) -> list[tuple[str, str]]:
-    """The summary ``ppl run`` prints (and the report shows), as (label, value) rows, from a record."""
-    p = r.get("protocol") or {}
-    rows = [
-        ("protocol", f"{p.get('protocol')} (L={p.get('max_length')}, S={p.get('stride')}, bos={p.get('bos')}, {p.get('mode')})"),
-        ("perplexity", f"{fmt(r.get('perplexity'))}  (95% CI {fmt_ci(r.get('ci95'))})"),
-        *([("precision", summary_line(r["precision"]))] if r.get("precision") else []),
-        ("scored tokens", f"{fmt(r.get('scored_tokens'), ',')} in {fmt(r.get('windows'), ',')} windows"),
-        ("bits per byte", fmt(r.get("bits_per_byte"))),
-        ("word perplexity", fmt(r.get("word_perplexity"))),
-    ]
-    if p.get("protocol") == "llamacpp":
-        rows.append(("llama.cpp", f"PPL = {fmt(r.get('perplexity'))} +/- {fmt(r.get('perplexity_pm'), '.5f')}"))
-    if r.get("domains"):
-        rows.append(("macro perplexity", f"{fmt(r['domains'].get('macro_perplexity'))} over {r['domains'].get('domains')} domains"))
-    if r.get("rescaled_perplexity") is not None:
-        rows.append(("rescaled", fmt(r["rescaled_perplexity"])))
-    if r.get("conditional"):
-        c = r["conditional"]
-        rows.append(("targets", f"{fmt(c.get('samples'), ',')} samples; perplexity is over all target tokens, "
-                                f"macro (mean of per-sample) {fmt(c.get('macro_perplexity'))}"))
-    mem = r.get("peak_memory_bytes")
-    rows += [
-        ("tokens/s", fmt(r.get("tokens_per_second"), ".1f")),
-        ("wall time", f"{fmt(r.get('wall_seconds'), '.1f')} s"),
-        ("peak memory", f"{fmt(mem / 2**20, ',.0f') if mem is not None else 'n/a'} MiB"),
-        ("batch size", f"{r.get('batch_size')} x {r.get('world_size')} process(es)"),
-    ]
-    if r.get("resumed_windows"):
-        rows.append(("resumed", f"{r['resumed_windows']:,} windows taken over from the interrupted run"))
-    return rows
-
-
-def precision(record: dict) -> str:
-    """The body/head precision section when the record has one, else the model's dtype."""
-    p = record.get("precision")
-    if isinstance(p, dict) and (p.get("body") is not None or p.get("head") is not None):
-        body, head = p.get("body"), p.get("head")
-        body = body.get("dtype", body) if isinstance(body, dict) else body
-        head = head.get("dtype", head) if isinstance(head, dict) else head
-        return str(body) if head in (None, body) else f"{body}, head {head}"
-    return str((record.get("model") or {}).get("dtype") or _get(record, "config.model.dtype") or "n/a")
-
-
-# ---------------------------------------------------------------------------------------------
-# Simple SVG charts: coordinates computed here, markup written by the template (escaped there)
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    from matplotlib.ticker import MaxNLocator
-
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return []
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    return [float(t) for t in MaxNLocator(n).tick_values(lo, hi) if lo - 1e-12 <= t <= hi + 1e-12]
-
-
-def _thin(n: int) -> np.ndarray:
-    if n <= MAX_POINTS:
-        return np.arange(n)
-    return np.unique(np.r_[np.linspace(0, n - 1, MAX_POINTS).round().astype(int), n - 1])
-
-
-@dataclass
-class Chart:
-    width: int
-    height: int
-    left: int
-    right: int
-    top: int
-    bottom: int
-    xlabel: str
-    ylabel: str
-    lines: list[dict] = field(default_factory=list)  # label, color, points, band, dots
-    xticks: list[tuple[float, str]] = field(default_factory=list)
-    yticks: list[tuple[float, str]] = field(default_factory=list)
-
-
-def line_chart(series: list[dict], xlabel: str, ylabel: str, width: int = 560, height: int = 240, xcategories=None) -> Chart | None:
-    """``series``: dicts with label, x, y and optionally lo, hi (a band). Returns None if empty."""
-    series = [s for s in series if len(s["x"])]
-    if not series:
-        return None
-    c = Chart(width, height, 62, width - 14, 12, height - 42, xlabel, ylabel)
-    xs = np.concatenate([np.asarray(s["x"], float) for s in series])
-    ys = np.concatenate([np.asarray(s[k], float) for s in series for k in ("y", "lo", "hi") if s.get(k) is not None])
-    ys = ys[np.isfinite(ys)]
-    x0, x1 = float(xs.min()), float(xs.max())
-    y0, y1 = (float(ys.min()), float(ys.max())) if len(ys) else (0.0, 1.0)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    pad = (y1 - y0) * 0.06 or abs(y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x):
-        return c.left + (x - x0) / (x1 - x0) * (c.right - c.left)
-
-    def py(y):
-        return c.bottom - (y - y0) / (y1 - y0) * (c.bottom - c.top)
-
-    for i, s in enumerate(series):
-        x, y = np.asarray(s["x"], float), np.asarray(s["y"], float)
-        keep = _thin(len(x))
-        x, y = x[keep], y[keep]
-        ok = np.isfinite(y)
-        line = {"label": s["label"], "color": PALETTE[i % len(PALETTE)],
-                "points": " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x[ok], y[ok])), "band": None,
-                "dots": [(round(px(a), 1), round(py(b), 1)) for a, b in zip(x[ok], y[ok])] if len(x) <= 24 else []}
-        if s.get("lo") is not None and s.get("hi") is not None:
-            lo, hi = np.asarray(s["lo"], float)[keep], np.asarray(s["hi"], float)[keep]
-            good = np.isfinite(lo) & np.isfinite(hi)
-            if good.any():
-                up = [f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x[good], hi[good])]
-                down = [f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x[good][::-1], lo[good][::-1])]
-                line["band"] = " ".join(up + down)
-        c.lines.append(line)
-    if xcategories is not None:
-        c.xticks = [(round(px(i), 1), str(v)) for i, v in enumerate(xcategories)]
-    else:
-        c.xticks = [(round(px(t), 1), f"{t:g}") for t in _ticks(x0, x1)]
-    c.yticks = [(round(py(t), 1), f"{t:.4g}") for t in _ticks(y0, y1)]
-    return c
-
-
-def interval_bars(rows: list[dict], lo_key: str, hi_key: str, mid_key: str, zero: bool = False, width: int = 140) -> None:
-    """Adds ``bar`` (x positions in a ``width``-pixel strip) to each row, on the rows' common scale."""
-    vals = [v for r in rows for v in (r.get(lo_key), r.get(hi_key), r.get(mid_key)) if _num(v)]
-    if zero:
-        vals.append(0.0)
-    if not vals:
-        return
-    lo, hi = min(vals), max(vals)
-    span = (hi - lo) or abs(hi) * 0.1 or 1.0
-    lo, hi = lo - 0.05 * span, hi + 0.05 * span
-
-    def x(v):
-        return round(4 + (v - lo) / (hi - lo) * (width - 8), 1)
-
-    for r in rows:
-        if _num(r.get(mid_key)):
-            has = _num(r.get(lo_key)) and _num(r.get(hi_key))
-            r["bar"] = {"width": width, "mid": x(r[mid_key]), "lo": x(r[lo_key]) if has else None,
-                        "hi": x(r[hi_key]) if has else None, "zero": x(0.0) if zero else None}
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,22 +369,11 @@ def default_output(specs: list[str | Path]) -> Path:
     return (first.parent if first.is_file() else first).parent / "report.html"
 
 
-def _check_output(out: Path) -> None:
-    if out.is_dir():
-        raise HarnessError(f"-o {out} is a folder; give a file name such as {out / 'report.html'}")
-    parent = out.parent
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise HarnessError(f"cannot write {out}: {existing or parent} is not a writable folder; choose another -o")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise HarnessError(f"cannot write {out}: the file is read-only; choose another -o")
-
-
 def write_report(specs: list[str | Path], output: Path | None = None) -> tuple[Path, Report]:
     """Render the page for ``specs`` and write it atomically to ``output`` (default beside the records)."""
     specs = list(specs) or ["results"]
     out = Path(output) if output else default_output(specs)
-    _check_output(out)
+    writable_output(out)
     report = build(specs, out)
     try:
         atomic_write_text(out, report.html)
@@ -594,36 +385,4 @@ def write_report(specs: list[str | Path], output: Path | None = None) -> tuple[P
     return out, report
 
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        raise HarnessError("chromium not found: `make chromium` installs it (Debian: apt-get install chromium)")
-    return found
-
-
-def screenshot(page: Path, png: Path, width: int = 1400, height: int = 2000, timeout: float = 120) -> Path:
-    """A PNG of the top ``height`` pixels of ``page`` rendered by headless Chromium, written atomically."""
-    png = Path(png)
-    _check_output(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
-    os.close(fd)
-    profile = tempfile.mkdtemp(prefix="ppl-chromium-")
-    try:
-        cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--screenshot={tmp}", Path(page).resolve().as_uri()]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0 or os.path.getsize(tmp) == 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HarnessError(f"chromium could not take the screenshot (exit {done.returncode}): {last}")
-        os.replace(tmp, png)
-    except subprocess.TimeoutExpired:
-        raise HarnessError(f"chromium took longer than {timeout:.0f} s for the screenshot; try again") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        shutil.rmtree(profile, ignore_errors=True)
-    return png
-
-
-__all__ = ["build", "write_report", "screenshot", "summary_rows", "precision", "comparable_key", "fmt", "fmt_ci"]
+__all__ = ["build", "write_report", "comparable_key"]

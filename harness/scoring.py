@@ -136,7 +136,7 @@ def to_device(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
 def scored_hidden(model, batch: Batch) -> torch.Tensor:
     """Final hidden states at the scored positions only: [M, H]."""
     dev = input_device(model)
-    compiled_body = compiled.body(model)  # eval.compile: torch.compile'd, bucket-padded
+    compiled_body = compiled.body(model)  # eval.compile: layers compiled (harness/compiled.py)
     if compiled_body is not None:
         hidden = compiled_body(to_device(batch.input_ids, dev), to_device(batch.attention_mask, dev))
         return hidden[to_device(batch.rows, hidden.device), to_device(batch.cols, hidden.device)]

@@ -83,6 +83,24 @@ def test_attention_function_equals_full_mask_sdpa(length, window):
     torch.testing.assert_close(got0, ref0, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("length,window,kv_heads", [(2, 8, 2), (9, 8, 4), (41, 8, 2), (256, 512, 1), (1000, 512, 1), (1024, 512, 2)])
+def test_banded_equals_full_mask_sdpa(length, window, kv_heads):
+    """The banded form (all query blocks in one SDPA call; what the compiled layers trace) against
+    SDPA with the whole causal window mask written out: any length, shorter or longer than the
+    window or a whole number of blocks, with and without grouped key/value heads (float32, 1e-6)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, length, 16, generator=gen)
+    k = torch.randn(2, kv_heads, length, 16, generator=gen)
+    v = torch.randn(2, kv_heads, length, 16, generator=gen)
+    groups = 4 // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=sliding_mask(length, window, [length] * 2), scale=0.25
+    ).transpose(1, 2)
+    got = attention.banded(q, k, v, window, 0.25)
+    assert got.shape == ref.shape == (2, length, 4, 16)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
 def test_tiny_gemma3_float64_identical_float32_within_rounding(tiny_gemma3):
     model = tiny_gemma3
     lengths = [41, 30, 5]

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.compare import compare, find_runs, paired_bootstrap, resample_indices, write_comparison
+from harness.compare import compare, find_runs, write_comparison
+from harness.paired import paired_bootstrap, resample_indices
 from harness.config import validate
 from harness.errors import HarnessError
 from harness.runner import run

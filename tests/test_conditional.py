@@ -354,7 +354,8 @@ def test_smollm2_gsm8k_matches_reference(smollm2, as_chat, one_thread):
 
 
 def test_compare_pairs_with_chat_by_sample_and_show_worst(tiny, tmp_path):
-    from harness.compare import compare, paired_bootstrap
+    from harness.compare import compare
+    from harness.paired import paired_bootstrap
     from harness.worst import worst
 
     folder, model, tok = tiny

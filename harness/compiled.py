@@ -18,8 +18,9 @@ Two ways, tried in this order:
   attention function, kind, dtype, torch/transformers versions, inductor options and the CPU's
   vector ISA. Building takes 15-20 s for SmolLM2 and 27-42 s for Gemma-3's two kinds on two
   cores, once per machine; loading takes milliseconds, so a run that finds them pays nothing for
-  compiling. The packages run unpadded batches; a padded batch (the lm-eval preset's short last
-  windows) runs its layers eagerly. Gemma-3's sliding kind traces the banded attention
+  compiling. The packages run every batch whose rows are padded at the end only (the harness
+  pads so): under a causal mask no real position sees a later pad, so the package leaves
+  transformers' padding mask out; a batch padded any other way runs its layers eagerly. Gemma-3's sliding kind traces the banded attention
   (``attention.banded``) and takes whole blocks of 128 positions, at least two: a call is padded
   up to them (at the end, where causality hides the padding), and a shorter one runs eagerly.
 - **Just in time** (``torch.compile`` of each layer's call, dynamic shapes: one graph for every
@@ -304,9 +305,11 @@ def build_package(model) -> list[Path]:
 class Packaged:
     """The cached packages, each layer run through its kind's package with its own tensors.
 
-    Only batches without padding run through them (``unpadded``, set by ``Body`` per batch):
-    the package computes the causal (and sliding-window) mask itself, so transformers' mask for
-    such a batch says nothing it does not already know. A padded batch runs its layers eagerly.
+    Only batches whose rows are unpadded or padded at the end run through them (``causal``, set
+    by ``Body`` per batch): the package computes the causal (and sliding-window) mask itself, and
+    a pad at the end of a row is seen by no real position of that row, so transformers' mask
+    says nothing about the real positions that the package does not already know (the padded
+    positions' outputs differ, and are never scored). Other batches run their layers eagerly.
     """
 
     def __init__(self, model, paths: dict[str, Path]):
@@ -317,7 +320,7 @@ class Packaged:
         self.lengths = {kind: _lengths(model, kind) for kind in kinds}
         names = _tensor_names(self.layers[0])
         self.tensors = [_tensors(layer, names) for layer in self.layers]
-        self.unpadded = False
+        self.causal = False
         for kind in kinds:
             self.check(model, kind)
         self.calls = [self._call(i, layer) for i, layer in enumerate(self.layers)]
@@ -361,12 +364,12 @@ class Packaged:
             raise RuntimeError(f"the compiled {kind} differs from the eager one (relative error {err:.2e} > {tol:g})")
 
     def _call(self, i: int, layer):
-        """Layer ``i``'s call: the package on an unpadded batch, the eager layer otherwise."""
+        """Layer ``i``'s call: the package on a batch padded at the end only, the eager layer otherwise."""
 
         def call(hidden_states, *args, **kw):
-            plain = (self.unpadded and not args and kw.get("position_embeddings") is not None
+            plain = (self.causal and not args and kw.get("position_embeddings") is not None
                      and kw.get("past_key_values") is None and kw.get("cache") is None and self.takes(i, hidden_states.shape[1]))
-            if not plain:  # a padding mask, a cache or a window too short for the package: eagerly
+            if not plain:  # a mask other than end padding, a cache or a window too short for the package: eagerly
                 return layer._call_impl(hidden_states, *args, **kw)
             cos, sin = kw["position_embeddings"]
             return self.run(i, hidden_states, cos, sin)
@@ -425,7 +428,7 @@ class Body:
         start, graphs = time.perf_counter(), _graph_count()
         try:
             if self.package is not None:
-                self.package.unpadded = attention_mask is None
+                self.package.causal = end_padded(attention_mask)
             fns = self.package.calls if self.package is not None else self.fns
             for module, fn in zip(self.modules, fns):
                 module._compiled_call_impl = fn  # what nn.Module.compile() sets; undone below
@@ -446,6 +449,13 @@ class Body:
         if first and self.package_error:
             warnings.warn(f"eval.compile: could not compile ahead of time ({self.package_error}); compiled just in time", stacklevel=2)
         return hidden
+
+
+def end_padded(attention_mask: torch.Tensor | None) -> bool:
+    """No padding, or every row's real tokens first and its pads after them ([B, T] of 0/1)."""
+    if attention_mask is None:
+        return True
+    return attention_mask.dim() == 2 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def _graph_count() -> int:

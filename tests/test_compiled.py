@@ -41,15 +41,30 @@ def _pair(cfg_dict: dict, model, tok, setting=True):
     return eager, comp
 
 
-def test_compiled_equals_eager_tiny_ahead_of_time(tiny, tiny_corpus, own_cache):
+def test_compiled_equals_eager_tiny_ahead_of_time(tiny, tiny_corpus, own_cache, monkeypatch):
     """Built on the first compiled run, found (auto) and loaded on the second; both equal eager,
-    including the slice's short tail window (a batch of unequal lengths runs with a padding mask,
-    which the package leaves to the eager layer)."""
+    including the slice's short tail window: a batch of unequal lengths, padded at the end, runs
+    through the package too (every layer of every batch does)."""
     folder, model, tok = tiny
-    cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=12, batch_size=3, bootstrap=0)
+    # 181 windows, the last one shorter: in batches of 7 the last batch is padded
+    cfg = tiny_config(folder, tiny_corpus, max_length=32, stride=12, batch_size=7, bootstrap=0)
+    widths = []
+    package_run = compiled.Packaged.run
+
+    def counted(self, i, hidden, cos, sin):
+        widths.append(hidden.shape[1])
+        return package_run(self, i, hidden, cos, sin)
+
+    monkeypatch.setattr(compiled.Packaged, "run", counted)
     try:
         assert compiled.packable(model) is None and not compiled.cached(model)
         eager, comp = _pair(cfg, model, tok)
+        batches = -(-len(comp.windows) // 7)
+        lengths = (comp.windows.end - comp.windows.begin + comp.windows.prefix.astype(int)).tolist()
+        ordered = sorted(lengths, reverse=True)  # the runner's length-sorted batches
+        assert any(len(set(ordered[k : k + 7])) > 1 for k in range(0, len(ordered), 7))  # some batch is padded
+        checks = 1  # Packaged.check runs the package once, on the second layer
+        assert len(widths) == checks + batches * model.config.num_hidden_layers
         assert comp["precision"]["compile"]["how"].startswith("ahead of time")
         assert compiled.cached(model) and all(p.parent == own_cache / "compiled" for p in compiled.package_paths(model).values())
         compiled.enable(model, False)  # the next run starts from the package on disk
@@ -109,6 +124,15 @@ def test_compiled_equals_eager_gemma3_sliding_layers(gemma3, own_cache, monkeypa
         assert math.isclose(jit["sum_nll"], eager["sum_nll"], rel_tol=1e-5)
     finally:
         compiled.enable(model, False)
+
+
+def test_end_padded():
+    import torch
+
+    assert compiled.end_padded(None)
+    assert compiled.end_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not compiled.end_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # padded at the start
+    assert not compiled.end_padded(torch.tensor([[1, 0, 1]]))
 
 
 def test_auto_compiles_long_runs_only():

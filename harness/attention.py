@@ -9,8 +9,8 @@ window and padding) cut out of transformers' own mask for that block; positions 
 masked in the full computation anyway, so each block's softmax is over the same keys and the
 result is the same number (held to 1e-6 in float32 by the tests).
 
-With transformers' mask the blocks run one SDPA call each. Without one (an unpadded batch, as the
-compiled layers run it) they run as one call (``banded``): the keys of every block are
+With transformers' mask the blocks run one SDPA call each. Without one (as the compiled layers
+run a batch) they run as one call (``banded``): the keys of every block are
 overlapping views of the left-padded keys, and one mask serves all blocks; that form traces for
 any length, so ``eval.compile`` exports it into Gemma-3's sliding-layer package.
 

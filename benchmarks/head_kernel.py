@@ -3,7 +3,7 @@ harness's workspace path (``W @ h.T`` into a reused buffer, rows padded to a mul
 
     python benchmarks/head_kernel.py [--model gemma3] [--rows 256 511 512 1024] [--repeat 3]
 
-Both go through ``harness.scoring.head_logits`` (without and with a workspace), on random hidden
+Both go through ``harness.head.head_logits`` (without and with a workspace), on random hidden
 states, and must give the same logits; the time is the best of ``--repeat`` after a warm-up. The
 module path allocates its output afresh each call, as the harness did before the workspace.
 """
@@ -30,7 +30,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.scoring import head_logits, head_workspace
+    from harness.head import head_logits, head_workspace
 
     folder = prepare(args.model)  # idempotent: the dequantized folder, made once
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

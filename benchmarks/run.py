@@ -122,7 +122,7 @@ def summarize(runs: list[dict]) -> dict:
         "compile_s": statistics.median(r.get("compile_s") or 0.0 for r in ok) if first.get("compile") else None,
         "wall_s": statistics.median(r["wall_s"] for r in ok), "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "note": "",
     })
-    if all(r.get("gemm_peak_bf16") for r in ok):  # the harness: the peak its own process measured around scoring
+    if all(r.get("gemm_peak_bf16") for r in ok):  # the harness and the guide: the peak their own process measured around scoring
         out["gemm_peak_bf16"] = statistics.median(r["gemm_peak_bf16"] for r in ok)
     # a tool's runs score the same tokens to the same number, up to float32 summation order (a
     # threaded reduction need not add in the same order twice: lm-eval's two float32 runs were not

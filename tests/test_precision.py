@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from harness import precision
-from harness.scoring import head_logits, release_workspace, scored_hidden, token_nlls
+from harness.head import head_logits, release_workspace
+from harness.scoring import scored_hidden, token_nlls
 
 from .test_scoring_chunks import _batch
 

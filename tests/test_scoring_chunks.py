@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.scoring import build_batch, head_logits, head_workspace, release_workspace, token_nlls
+from harness.head import head_logits, head_workspace, release_workspace
+from harness.scoring import build_batch, token_nlls
 from harness.tokens import TokenStream
 from harness.windows import BosPolicy, plan_sliding
 
@@ -118,7 +119,7 @@ def test_unshifted_log_sum_exp_and_rows_computed_again():
     against float64 log-softmax; rows out of its range (a logit of 100: the sum overflows; every
     logit below -60: it underflows; NaN) are computed again with their max subtracted, and only
     those rows."""
-    from harness.scoring import chunk_nll
+    from harness.head import chunk_nll
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5000, generator=gen) * 4

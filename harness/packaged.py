@@ -132,8 +132,12 @@ _NOT_SHAPE = {"_name_or_path", "transformers_version", "architectures", "dtype",
 
 def package_paths(model) -> dict[str, Path]:
     """Where the package of each kind of this model's layers (class, config, attention, kind,
-    dtype, versions, CPU ISA) is cached."""
+    dtype, versions, CPU ISA) is cached. The ISA part is torch's capability level plus the CPU's
+    native-bf16 flags: torch says ``AVX512`` on both an AMX Xeon and an AMD Zen 4 (AVX-512 BF16, no
+    AMX), and a package built on the one may carry instructions the other does not have."""
     import transformers
+
+    from . import precision
 
     layers = decoder_layers(model)
     dtype = next(layers.parameters()).dtype
@@ -144,7 +148,7 @@ def package_paths(model) -> dict[str, Path]:
         key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
                "attention": getattr(model.config, "_attn_implementation", None), "kind": kind, "inductor": INDUCTOR,
                "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
-               "isa": torch.backends.cpu.get_cpu_capability(), "tensors": _tensor_names(layers[0])}
+               "isa": [torch.backends.cpu.get_cpu_capability(), *precision.cpu_bf16_flags()], "tensors": _tensor_names(layers[0])}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         name = "-".join([cfg.get("model_type", "model"), str(dtype).removeprefix("torch."), *([kind] if len(kinds) > 1 else []), digest])
         paths[kind] = cache_root() / "compiled" / f"{name}.pt2"

@@ -41,6 +41,19 @@ def _pair(cfg_dict: dict, model, tok, setting=True):
     return eager, comp
 
 
+def test_package_key_names_the_cpus_bf16_instructions(tiny, own_cache, monkeypatch):
+    """A package built on an AMX machine is not the one an AVX-512-BF16-only machine loads (torch
+    reports ``AVX512`` on both, and cache folders may be shared)."""
+    from harness import precision
+
+    _, model, _ = tiny
+    seen = {}
+    for flags in [("amx_bf16", "avx512_bf16"), ("avx512_bf16",), ()]:
+        monkeypatch.setattr(precision, "cpu_bf16_flags", lambda flags=flags: flags)
+        seen[flags] = compiled.package_paths(model)
+    assert len({tuple(p.values()) for p in seen.values()}) == 3
+
+
 def test_compiled_equals_eager_tiny_ahead_of_time(tiny, tiny_corpus, own_cache, monkeypatch):
     """Built on the first compiled run, found (auto) and loaded on the second; both equal eager,
     including the slice's short tail window: a batch of unequal lengths, padded at the end, runs

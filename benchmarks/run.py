@@ -247,6 +247,27 @@ def plot(frame, path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_description() -> str:
+    """The CPU's model name, torch's capability level and its native-bf16 instructions: torch says
+    AVX512 both on a Xeon with AMX and on an AMD Zen 4 (AVX-512 BF16 only), whose bf16 / float32
+    GEMM ratios differ (about 3.5x against 2.1-2.6x), and so do this table's ratios."""
+    import torch
+
+    from harness.precision import cpu_bf16_flags
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = name or platform.processor() or "CPU"
+    flags = ", ".join(cpu_bf16_flags()) or "no native bf16"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}; {flags})"
+
+
 def main() -> None:
     import torch
 
@@ -281,7 +302,7 @@ def main() -> None:
               f"{peaks[2] / 1e9:.0f} at the end; float32 {peaks[1] / 1e9:.0f} GFLOP/s. The harness's and the HF guide's "
               f"'of bf16 peak' are against the bf16 peak each run measured in its own process just before and after "
               f"scoring (the larger; median over runs), lm-eval's against the start peak. "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_description()}; "
               f"{args.repeats} runs per tool, in turn." + (f" Harness overrides: {' '.join(args.set)}." if args.set else ""))
     table = write_outputs(rows, args.out, header)
     print(table)

@@ -19,6 +19,10 @@ means that reference rounded once to float32. Candidates:
 - ``b-bf16-products-chunk``: the same, weight upcast per chunk (no float32 copy kept);
 - ``c-split``: the weight split into bf16 hi + lo parts; with bf16 weights lo is zero, so it is
   ``b`` with one more matmul: timed as ``b`` plus a second product;
+- ``e-mkl-bf16bf16f32``: MKL's ``cblas_gemm_bf16bf16f32`` (bf16 operands, float32 sums and
+  output), which torch's CPU library exports though torch has no op for it; called through
+  ``ctypes`` into a reused [rows, vocab] buffer; left out where the symbol is missing. (On an AMD
+  Zen 4 it was slower than ``b``: MKL takes a non-AVX-512 path there; on AMX Xeons unmeasured.)
 - ``d`` (a float32 head for the scored rows only) is what every candidate here does already:
   the harness projects only scored rows.
 
@@ -36,6 +40,30 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+def mkl_bf16_gemm():
+    """MKL's ``cblas_gemm_bf16bf16f32`` from torch's CPU library, or None where it is not there."""
+    import ctypes
+    import os
+
+    import torch
+
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
+    except (OSError, AttributeError):
+        return None
+    i, p = ctypes.c_int, ctypes.c_void_p
+    fn.restype, fn.argtypes = None, [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+    row_major, no_trans, trans = 101, 111, 112
+
+    def head(h, w, out):  # out [m, vocab] = h [m, width] @ w [vocab, width]^T
+        m, width = h.shape
+        fn(row_major, no_trans, trans, m, w.shape[0], width, 1.0, h.data_ptr(), width, w.data_ptr(), width, 0.0,
+           out.data_ptr(), w.shape[0])
+        return out
+
+    return head
+
 
 HEADS = {"gemma3": (262_144, 640, 0.03), "smollm2": (49_152, 576, 0.08)}  # vocab, width, weight std
 
@@ -85,6 +113,8 @@ def main() -> None:
                     y = into_ws(w32, h.float()).clone()
                     return y.add_(into_ws(w32, h.float()))  # the lo part's product (lo = 0 here)
 
+            mkl = mkl_bf16_gemm()
+            mkl_out = torch.empty(m, vocab) if mkl else None
             cands = {
                 "bf16-module": lambda: F.linear(h, w).float(),
                 "a-upcast-chunk": lambda: h.float() @ w.float().T,
@@ -93,6 +123,8 @@ def main() -> None:
                 "b-bf16-products-chunk": b_products_chunk,
                 "c-split": c_split,
             }
+            if mkl:
+                cands["e-mkl-bf16bf16f32"] = lambda: mkl(h, w, mkl_out)
             err = {}
             with torch.inference_mode():
                 if m == args.rows[0]:  # errors on the first rows only (memory: float64 logits)

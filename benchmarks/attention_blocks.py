@@ -14,25 +14,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-
-def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, taken in turn A B C A B C ..., after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
+from benchmarks.timing import alternate  # noqa: E402
 
 
 def show(title: str, times: dict[str, list[float]], unit: float, label: str) -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.timing import gemm_peak  # noqa: E402
+from benchmarks.timing import alternate, gemm_peak  # noqa: E402
 
 # heads, kv heads, head_dim of the bench's models (their configs)
 SHAPES = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}
@@ -104,12 +104,7 @@ def main() -> None:
             out = fn().float()
             errors[name] = ((out - ref).norm() / ref.norm()).item() if out.shape == ref.shape else None
         peak = gemm_peak(torch.bfloat16)
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(args.repeats):
-            for name, (fn, _) in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        times = alternate({name: fn for name, (fn, _) in cases.items()}, args.repeats)
         peak = max(peak, gemm_peak(torch.bfloat16))
 
     print(f"{args.model}: B {B}, {heads} heads ({kv_heads} kv), T {T}, head_dim {dim}; torch {torch.__version__}, "
@@ -130,12 +125,7 @@ def main() -> None:
         with torch.inference_mode():
             for n in args.lengths:
                 qn, kn, vn = (x[:, :, :n].contiguous() for x in (q, kk, vv))
-                flash(qn, kn, vn, True)
-                ts = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    flash(qn, kn, vn, True)
-                    ts.append(time.perf_counter() - t0)
+                ts = alternate({n: lambda: flash(qn, kn, vn, True)}, args.repeats)[n]
                 med, flops = statistics.median(ts), 4 * heads * dim * (n * (n + 1) // 2) * B
                 print(f"| {n} | {med * 1e3:.1f} | {flops / med / 1e9:.0f} | {flops / med / peak:.0%} |")
 

@@ -81,6 +81,7 @@ def main() -> None:
     from harness.precision import bf16_products, cpu_bf16_flags
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16: {cpu_bf16_flags() or 'none'}")
+    mkl = mkl_bf16_gemm()
     rows = []
     for name in args.models:
         vocab, width, std = HEADS[name]
@@ -113,7 +114,6 @@ def main() -> None:
                     y = into_ws(w32, h.float()).clone()
                     return y.add_(into_ws(w32, h.float()))  # the lo part's product (lo = 0 here)
 
-            mkl = mkl_bf16_gemm()
             mkl_out = torch.empty(m, vocab) if mkl else None
             cands = {
                 "bf16-module": lambda: F.linear(h, w).float(),

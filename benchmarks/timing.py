@@ -1,4 +1,4 @@
-"""Best-of-N wall time of a call, after one warm-up call (for the one-process micro benchmarks)."""
+"""Wall times of calls for the one-process micro benchmarks: best of N, or N each in turn."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ def best(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, taken in turn A B C A B C ..., after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def gemm_peak(dtype, n: int = 4096, repeat: int = 3) -> float:

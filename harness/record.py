@@ -173,7 +173,7 @@ def corpus_section(cfg: RunConfig, corpus, documents_mode: bool) -> dict:
 def build(*, run_id: str, cfg: RunConfig, settings, chash: str, records: list[WindowRecord], timing: dict,
           run: dict, model, tokenizer, corpus, versions: dict, precision: dict | None = None) -> dict:
     """The whole record. ``timing``: tokens/s, wall and stage seconds, memory; ``run``: batch
-    size, world size, resumed windows, device."""
+    size, world size, resumed windows, device, the CPU allocator's settings."""
     return {
         "run_id": run_id,
         "name": cfg.name,

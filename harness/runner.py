@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from . import compiled, precision, protocols, record
+from . import allocator, compiled, precision, protocols, record
 from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
@@ -171,7 +171,9 @@ def run(
 
     score = _scorer(cfg, settings, model, tokenizer, streams)
     trial = lambda ws: score(ws, len(ws), False, progress=False)  # noqa: E731  (the given windows as one batch)
-    batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=input_device(model).type == "cpu")
+    on_cpu = input_device(model).type == "cpu"
+    heap = allocator.keep_freed_memory() if on_cpu else None  # a batch's freed activations serve the next
+    batch_size = choose_batch_size(cfg.eval, trial, mine, dist, on_cpu=on_cpu)
     save_tokens = write and cfg.output.save_tokens  # each batch's scored tokens to tokens.parquet as they come
     tokens_out = TokenWriter(run_dir, streams, tokenizer, done) if save_tokens and dist.is_main else None
     on_batch = recorder(dist.gather, log, tokens_out) if resumable or save_tokens else None
@@ -185,7 +187,8 @@ def run(
     rec = record.build(
         run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,
         timing=_timing(dist, records, done, seconds, t0, t_corpus, (model, baseline_model)),
-        run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device)},
+        run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device),
+             "allocator": heap},
         model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()), precision=prec,
     )
     kl_rows = None

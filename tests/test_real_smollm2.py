@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -30,6 +31,8 @@ def test_default_config_through_the_cli(tmp_path, smollm2):
     assert "precision  float32 -> body float32, head float32, log-sum-exp float32 (requested)" in proc.stdout
     record = json.loads((out / "result.json").read_text())
     assert record["corpus"]["text_sha256"] == WIKITEXT2_TEST_SHA256
+    if platform.libc_ver()[0] == "glibc" and not any(k.startswith("MALLOC_") for k in env):
+        assert record["allocator"].startswith("glibc malloc keeping freed memory"), record["allocator"]
     assert record["protocol"] == {**record["protocol"], "protocol": "sliding", "max_length": 512, "stride": 256, "mode": "concat", "join": "\n\n"}
 
     model, tok = smollm2

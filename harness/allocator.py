@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -50,10 +51,12 @@ def _apply() -> str:
         return f"as preloaded ({other})"
     if any(name in os.environ for name in _USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "glibc malloc as the environment sets it"
+    if platform.libc_ver()[0] != "glibc":  # macOS, Windows, musl: their own allocators, left as they are
+        return "the platform's default (not glibc)"
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return "the platform's default (no glibc mallopt)"
+        return "the platform's default (no mallopt)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return "glibc malloc's default (mallopt refused)"

@@ -11,7 +11,7 @@ in turn): 1.51 million page faults and 2.8 s of system time in 10.6 s of scoring
 default, 0.17 million, 0.3 s and 9.0 s kept (1.17x; float32 1.06x). Peak memory is what the
 largest batch needs either way.
 
-Only glibc has ``mallopt``; elsewhere, where the user chose the allocator's settings (glibc's
+Only glibc's malloc is configured; elsewhere, where the user chose the allocator's settings (glibc's
 ``MALLOC_*_`` variables or ``GLIBC_TUNABLES``, or another allocator preloaded), and with
 ``PPL_ALLOCATOR=default``, it does nothing and says why.
 """

@@ -40,7 +40,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _run(keep: bool, **env) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "PPL_ALLOCATOR")}
     proc = subprocess.run([sys.executable, "-c", FAULTS.format(repo=str(REPO), keep=keep)], env={**clean, **env},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -64,3 +64,6 @@ def test_the_users_own_settings_are_left_alone():
     assert said == "glibc malloc as the environment sets it"
     said, _ = _run(True, GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
     assert said == "glibc malloc as the environment sets it"
+    said, faults = _run(True, PPL_ALLOCATOR="default")
+    assert said == "the platform's default (PPL_ALLOCATOR=default)"
+    assert int(faults) > 10 * 4096, faults  # glibc's own behaviour, as without the harness

@@ -49,7 +49,7 @@ chromium:
 
 run: setup chromium
 	$(PPL) run $(RUN_CONFIG) $(RUN_ARGS)
-	@echo "This was the first $(subst corpus.max_tokens=,,$(RUN_ARGS)) tokens. For the full split: make run RUN_ARGS="
+	$(if $(findstring corpus.max_tokens=,$(RUN_ARGS)),@echo "This was the first $(subst corpus.max_tokens=,,$(RUN_ARGS)) tokens. For the full split: make run RUN_ARGS=")
 	$(PPL) report results -o results/report.html --screenshot results/report.png
 
 test: models chromium

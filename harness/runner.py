@@ -95,6 +95,12 @@ def _timing(dist, records, done, seconds: float, t0: float, t_corpus: float, mod
     }
 
 
+def _run_section(dist, batch_size: int, done, model, heap: str | None) -> dict:
+    """How the run was laid out: batch size, processes, resumed windows, device, the CPU allocator."""
+    return {"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done),
+            "device": str(next(model.parameters()).device), "allocator": heap}
+
+
 def _precision(cfg: RunConfig, model, windows) -> dict:
     """The record's precision section, with what eval.compile decided for this run's plan."""
     planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
@@ -187,8 +193,7 @@ def run(
     rec = record.build(
         run_id=rid, cfg=cfg, settings=settings, chash=chash, records=records,
         timing=_timing(dist, records, done, seconds, t0, t_corpus, (model, baseline_model)),
-        run={"batch_size": batch_size, "world_size": dist.world, "resumed_windows": len(done), "device": str(next(model.parameters()).device),
-             "allocator": heap},
+        run=_run_section(dist, batch_size, done, model, heap),
         model=model, tokenizer=tokenizer, corpus=corpus, versions=record.versions(dist.versions()), precision=prec,
     )
     kl_rows = None

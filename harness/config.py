@@ -172,7 +172,7 @@ class EvalConfig(_Section):
     )
     bos: BosPolicy | None = Field(None, description="none, stream, every or replace (default: the protocol's).")
     logits_chunk: int | None = Field(
-        None, gt=0, description="Scored positions per vocabulary-projection chunk (default: sized to the vocabulary)."
+        None, gt=0, description="Scored positions per vocabulary-projection chunk (default: 2,048 on the CPU, else sized to the vocabulary)."
     )
     sort_by_length: bool = Field(True, description="Batch windows of similar length together (less padding).")
     compile: Union[bool, Literal["auto"]] = Field(

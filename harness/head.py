@@ -1,9 +1,13 @@
 """The output head: float32 logits at the scored positions only, and their log-sum-exp.
 
 Known families (``HEAD_ONLY_FAMILIES``) run ``lm_head`` on the hidden states of scored
-positions; a float32 CPU head writes them transposed into one reused buffer (the workspace), a
-bf16/fp16 head writes float32 logits of its exact products (``precision.low_precision_head``).
-The log-sum-exp is float32, without the row max where that is safe (``log_sum_exp``).
+positions. On the CPU their NLLs are taken one vocabulary block at a time (``block_nlls``):
+each block's float32 logits are made, picked and summed while in cache, and a chunk's logits are
+never whole. Where the logits themselves are needed (``ppl compare --kl``), for offloaded heads
+and on GPUs, a chunk's float32 logits are made whole (``head_logits``): a float32 CPU head writes
+them transposed into one reused buffer (the workspace), a bf16/fp16 head writes float32 logits of
+its exact products (``precision.low_precision_head``). The log-sum-exp is float32, without the
+row max where that is safe (``log_sum_exp``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,105 @@ def head_logits(model, hidden: torch.Tensor, workspace: torch.Tensor | None = No
     if cap:
         logits.div_(cap).tanh_().mul_(cap)
     return logits
+
+
+# float32 logits per vocabulary block of ``block_nlls`` (4 MiB): a block stays in the cores'
+# caches between the matmul that writes it and the exp and sum that read it. The rows taken
+# per call by default (``BLOCK_ROWS``): each call streams the head weight once.
+BLOCK_FLOATS = 2**20
+BLOCK_ROWS = 2048
+
+
+def blocked_head(model) -> bool:
+    """The model's NLLs are taken by ``block_nlls``: a known family's ``nn.Linear`` head with
+    float32, bf16 or fp16 weights on the CPU (an offloaded head, whose weight waits on the meta
+    device for its hook, takes the chunked path)."""
+    return uses_head_path(model) and _workspace_head(model.get_output_embeddings())
+
+
+def block_gemm(head, hidden: torch.Tensor, kind: str | None = None):
+    """``gemm(v0, out)``: float32 logits of ``hidden`` for the head rows ``v0 : v0 + out.shape[1]``
+    into ``out`` [m, n], and the kind chosen. bf16 weights and hidden states: ``mkl`` on AMX
+    (``precision.mkl_bf16_gemm``), else ``bf16-products`` where bf16 is native (oneDNN's float32
+    matmul in bf16 precision on the upcast operands, as ``precision.low_precision_head``). Any
+    other head: ``float32`` on the upcast operands (products of bf16 or fp16 values are exact in
+    float32; float32 hidden states are never rounded to bf16)."""
+    w = head.weight
+    bf16 = w.dtype == hidden.dtype == torch.bfloat16
+    mkl = precision.mkl_bf16_gemm() if bf16 else None
+    kind = kind or ("mkl" if mkl else "bf16-products" if bf16 and precision.cpu_bf16_flags() else "float32")
+    if kind == "mkl":
+        h = hidden.contiguous()
+        return (lambda v0, out: mkl(h, w[v0 : v0 + out.shape[1]], out)), kind
+    w32, h = precision.head_weight32(head), hidden.float()
+    products = precision.bf16_products if kind == "bf16-products" else contextlib.nullcontext
+
+    def gemm(v0, out):
+        with products():
+            return torch.mm(h, w32[v0 : v0 + out.shape[1]].T, out=out)
+
+    return gemm, kind
+
+
+def block_nlls(model, hidden: torch.Tensor, targets: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """-log softmax(head(hidden))[target] of each row, float32, one vocabulary block at a time.
+
+    The float32 logits of a block of head rows are made (``_blocks``), the targets that fall in
+    the block picked, and their exponentials summed into a float64 total per row while the block
+    is still in cache: the [rows, vocabulary] logits are never made, and no pass over them goes
+    to memory (``benchmarks/head_blocks.py``: for the bf16 SmolLM2 head on AMX, 1.6-1.9x the
+    speed of the whole-chunk matmul and log-sum-exp). As ``log_sum_exp`` does, the exponentials
+    are of the logits as they are; rows whose total is out of range (``SUM_LOW``) are computed
+    again by blocks, their largest logit found first and subtracted.
+    """
+    head = model.get_output_embeddings()
+    m, vocab = hidden.shape[0], head.weight.shape[0]
+    gemm, _ = block_gemm(head, hidden, kind)
+    block = _block_size(m, vocab)
+    targets = targets.to(torch.int64)
+    order = targets.argsort()
+    bounds = torch.searchsorted(targets[order], torch.arange(0, vocab + block, block)).tolist()
+    total = torch.zeros(m, dtype=torch.float64)
+    picked = torch.empty(m, dtype=torch.float32)
+    for b, (v0, logits) in enumerate(_blocks(model, gemm, m, block)):
+        rows = order[bounds[b] : bounds[b + 1]]
+        picked[rows] = logits[rows, targets[rows] - v0]
+        total += logits.exp_().sum(dim=1)
+    lse = total.log().float()
+    bad = ~((total >= SUM_LOW) & torch.isfinite(total))  # NaN is bad too: computed again, found again
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0]
+        gemm, _ = block_gemm(head, hidden[rows], kind)
+        top = torch.full((len(rows),), -torch.inf)
+        for _, logits in _blocks(model, gemm, len(rows)):
+            torch.maximum(top, logits.amax(dim=1), out=top)
+        again = torch.zeros(len(rows), dtype=torch.float64)
+        for _, logits in _blocks(model, gemm, len(rows)):
+            again += logits.sub_(top[:, None]).exp_().sum(dim=1)
+        lse[rows] = (again.log() + top).float()
+    return lse.sub_(picked)
+
+
+def _block_size(m: int, vocab: int) -> int:
+    """Head rows per block for ``m`` hidden states: ``BLOCK_FLOATS`` logits, a multiple of 64 rows."""
+    return min(vocab, max(64, BLOCK_FLOATS // max(m, 1) // 64 * 64))
+
+
+def _blocks(model, gemm, m: int, block: int | None = None):
+    """(first head row, float32 logits [m, n]) of each vocabulary block, bias added and soft-capped
+    where the model does; every block in one reused buffer, valid until the next."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    block = block or _block_size(m, vocab)
+    buf = torch.empty(m * block, dtype=torch.float32)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    for v0 in range(0, vocab, block):
+        logits = gemm(v0, buf[: m * min(block, vocab - v0)].view(m, -1))
+        if head.bias is not None:
+            logits.add_(head.bias[v0 : v0 + logits.shape[1]].float())
+        if cap:
+            logits.div_(cap).tanh_().mul_(cap)
+        yield v0, logits
 
 
 def _padded(m: int, multiple: int = 16) -> int:

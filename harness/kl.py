@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from .errors import HarnessError
-from .head import log_sum_exp
-from .scoring import Batch, chunk_size, logit_chunks
+from .head import blocked_head, log_sum_exp, uses_head_path
+from .scoring import Batch, chunk_size, hidden_nlls, logit_chunks, scored_hidden
 
 KL_COLUMNS = ["kl_sum", "kl_max", "top1_agree", "base_sum_nll", "delta_p_sq_sum"]
 
@@ -70,9 +70,11 @@ def kl_statistics(kl, delta_p, nll_model, nll_base, top1_agree) -> dict:
 
 
 def _log_probs(logits: torch.Tensor, again=None) -> torch.Tensor:
-    """``x - logsumexp(x)`` in place, the log-sum-exp taken as ``scoring.token_nlls`` takes it (``head.log_sum_exp``), so
-    the KL mode's NLLs equal plain runs' (to the bit on equal chunks). (torch.log_softmax in
-    float32 on CPU comes out about 1e-5 nats per token low on a 49k vocabulary.)
+    """``x - logsumexp(x)`` in place, the log-sum-exp taken as ``scoring.token_nlls`` takes it on
+    whole chunks (``head.log_sum_exp``), so the KL mode's NLLs equal plain runs' (to the bit on
+    equal chunks). A CPU head's NLLs are taken again by vocabulary blocks (``hidden_nlls``), as
+    plain runs take them. (torch.log_softmax in float32 on CPU comes out about 1e-5 nats per
+    token low on a 49k vocabulary.)
     """
     return logits.sub_(log_sum_exp(logits, again)[:, None])
 
@@ -85,8 +87,10 @@ def pair_token_stats(model, baseline, batch: Batch, logits_chunk: int | None = N
     m = batch.targets.shape[0]
     out = {k: np.empty(m, np.float32) for k in ("nll_m", "nll_b", "kl", "dp")}
     agree = np.empty(m, bool)
+    hidden = {k: scored_hidden(mo, batch) if uses_head_path(mo) else None for k, mo in (("b", baseline), ("m", model))}
     s = 0
-    for (_, x_b, again_b), (_, x_m, again_m) in zip(logit_chunks(baseline, batch, step), logit_chunks(model, batch, step)):
+    chunks_b, chunks_m = logit_chunks(baseline, batch, step, hidden=hidden["b"]), logit_chunks(model, batch, step, hidden=hidden["m"])
+    for (_, x_b, again_b), (_, x_m, again_m) in zip(chunks_b, chunks_m):
         lp_b = _log_probs(x_b, again_b)
         lp_m = _log_probs(x_m.to(x_b.device), None if again_m is None else lambda rows: again_m(rows).to(x_b.device))
         sl = slice(s, s + lp_b.shape[0])
@@ -100,6 +104,9 @@ def pair_token_stats(model, baseline, batch: Batch, logits_chunk: int | None = N
         s += lp_b.shape[0]
     if s != m:
         raise AssertionError(f"scored {s} of {m} positions")
+    for k, mo in (("b", baseline), ("m", model)):  # a CPU head's NLLs as a plain run takes them, to the bit
+        if blocked_head(mo):
+            out[f"nll_{k}"][:] = hidden_nlls(mo, hidden[k], batch.targets, logits_chunk).numpy()
     return out["nll_m"], out["nll_b"], out["kl"], agree, out["dp"]
 
 

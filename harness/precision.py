@@ -15,14 +15,18 @@ summed in float32 and never rounded to bf16. On the CPU the fastest way measured
 internal precision set to bf16 (``torch.backends.mkldnn`` ``fp32_precision = "bf16"``): on
 operands that are already bf16 values that conversion is exact, the AMX/AVX-512-BF16 kernel
 accumulates in float32 and writes float32. The float32 copy of the head weight is made once per
-model (``head_weight32``). On a GPU, ``torch.mm(..., out_dtype=torch.float32)`` where torch has
+model (``head_weight32``). The CPU head by vocabulary blocks (``head.block_nlls``) takes MKL's
+bf16 x bf16 -> float32 matmul on AMX instead (``mkl_bf16_gemm``), on the bf16 weight itself,
+and that path makes no copy. On a GPU, ``torch.mm(..., out_dtype=torch.float32)`` where torch has
 it, else the upcast operands.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
 import sys
 import weakref
 from dataclasses import dataclass
@@ -172,3 +176,37 @@ def low_precision_head(head: torch.nn.Module, hidden: torch.Tensor, out: torch.T
     if head.bias is not None:
         logits.add_(head.bias.float())
     return logits
+
+
+@functools.cache
+def mkl_bf16_gemm():
+    """``gemm(a, b, out)``: ``out[m, n] = a[m, k] @ b[n, k]^T`` for bf16 ``a``, ``b`` (rows
+    contiguous) into a float32 ``out`` (rows contiguous), by MKL's ``cblas_gemm_bf16bf16f32``:
+    exact products of the bf16 values, summed in float32, written in float32. None where it is not
+    the fastest such kernel measured or not there.
+
+    torch has no op for a bf16 x bf16 -> float32 matmul on the CPU; its x86 wheels link MKL and
+    export this function. Taken only on a CPU with AMX (``amx_bf16``), where it beat oneDNN's
+    float32 matmul in bf16 precision on the head's blocks (``benchmarks/head_blocks.py``); on an
+    AMD Zen 4 (AVX-512 BF16, no AMX) MKL took a slower path than oneDNN
+    (``benchmarks/head_precision.py``), so oneDNN's stays the way there.
+    """
+    if "amx_bf16" not in cpu_bf16_flags() or not torch.backends.mkl.is_available():
+        return None
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
+    except (OSError, AttributeError):
+        return None
+    i, p = ctypes.c_int, ctypes.c_void_p
+    fn.restype, fn.argtypes = None, [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+    row_major, no_trans, trans = 101, 111, 112
+
+    def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        (m, k), n = a.shape, b.shape[0]
+        assert a.dtype == b.dtype == torch.bfloat16 and out.dtype == torch.float32 and out.shape == (m, n)
+        assert a.stride(1) == b.stride(1) == out.stride(1) == 1 and b.shape[1] == k and a.device.type == "cpu"
+        fn(row_major, no_trans, trans, m, n, k, 1.0, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), 0.0,
+           out.data_ptr(), out.stride(0))
+        return out
+
+    return gemm

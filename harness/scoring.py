@@ -5,7 +5,8 @@ for every position of a batch are ``batch x length x vocabulary`` floats (17 GB 
 8 x 2048). We never make them. The model body runs once to hidden states; only the hidden
 states at *scored* positions go through the output head, in chunks of ``logits_chunk``
 positions, and each chunk's log-sum-exp is taken in float32 and reduced to one NLL per token at
-once (the head and its log-sum-exp: ``head.py``). Sums are kept in float64 by the caller.
+once (the head and its log-sum-exp: ``head.py``; on the CPU by vocabulary blocks within a chunk,
+so even a chunk's logits are never whole). Sums are kept in float64 by the caller.
 
 Windows are right-padded to the longest in the batch; under a causal mask a real position never
 attends to a later pad, so padding cannot change any number (the tests hold it to that).
@@ -29,7 +30,7 @@ import torch
 from . import compiled
 from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
-from .head import cached_workspace, chunk_nll, head_logits, head_workspace, loaded_head, uses_head_path
+from .head import BLOCK_ROWS, block_nlls, blocked_head, cached_workspace, chunk_nll, head_logits, head_workspace, loaded_head, uses_head_path
 from .resume import Finished
 from .tokens import TokenStream
 from .windows import Window
@@ -123,17 +124,17 @@ def chunk_size(model, logits_chunk: int | None) -> int:
     return max(16, LOGITS_BUDGET // vocab)
 
 
-def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None = None):
+def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
     """Yield (slice, float32 logits [m, V], again) at the scored positions, ``step`` positions at a time.
 
     The caller may overwrite each chunk, and must be done with it before asking for the next:
     chunks share one buffer (``workspace``, made here if not given). Known families run the
     output head on the scored hidden states only, and ``again(rows)`` gives fresh logits of some
     of the chunk's rows; others give the model's own logits, gathered at scored positions (and
-    ``again`` is None).
+    ``again`` is None). ``hidden``: the head path's ``scored_hidden``, where the caller has it.
     """
     if uses_head_path(model):
-        hidden = scored_hidden(model, batch)
+        hidden = scored_hidden(model, batch) if hidden is None else hidden
         with loaded_head(model):
             if workspace is None:
                 workspace = head_workspace(model, min(step, hidden.shape[0]))
@@ -153,6 +154,8 @@ def logit_chunks(model, batch: Batch, step: int, workspace: torch.Tensor | None 
 @torch.inference_mode()
 def token_nlls(model, batch: Batch, logits_chunk: int | None = None) -> np.ndarray:
     """Negative log-likelihood (nats, float32 log-sum-exp) of every scored token in the batch."""
+    if blocked_head(model):  # the CPU head: by vocabulary blocks, the logits never whole
+        return hidden_nlls(model, scored_hidden(model, batch), batch.targets, logits_chunk).numpy()
     step = chunk_size(model, logits_chunk)
     workspace = cached_workspace(model, min(step, batch.targets.shape[0])) if uses_head_path(model) else None
     out, targets = None, None
@@ -162,6 +165,14 @@ def token_nlls(model, batch: Batch, logits_chunk: int | None = None) -> np.ndarr
             out = torch.empty(targets.shape[0], dtype=torch.float32, device=logits.device)
         out[sl] = chunk_nll(logits, targets[sl], again)
     return np.zeros(0, dtype=np.float32) if out is None else out.cpu().numpy()
+
+
+def hidden_nlls(model, hidden: torch.Tensor, targets: torch.Tensor, logits_chunk: int | None = None) -> torch.Tensor:
+    """NLLs of the scored hidden states through a ``blocked_head`` model's head, ``logits_chunk``
+    rows (default ``BLOCK_ROWS``) per ``block_nlls`` call: a plain run's numbers, to the bit."""
+    rows = logits_chunk or BLOCK_ROWS
+    parts = [block_nlls(model, hidden[s : s + rows], targets[s : s + rows]) for s in range(0, len(targets), rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32)
 
 
 def check_finite(nlls: np.ndarray, windows: list[Window], counts: list[int]) -> None:

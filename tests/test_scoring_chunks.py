@@ -79,21 +79,39 @@ def _largest_allocation(fn) -> int:
     return max(e.cpu_memory_usage for e in prof.events())
 
 
+def _chunked_nlls(model, batch, chunk) -> np.ndarray:
+    """The NLLs through ``logit_chunks`` (whole chunks of float32 logits in the reused workspace: the
+    path of ``ppl compare --kl``, of offloaded heads and of GPUs), as ``token_nlls`` took them before
+    the CPU head went by vocabulary blocks."""
+    from harness.head import chunk_nll
+    from harness.scoring import logit_chunks
+
+    with torch.inference_mode():
+        return torch.cat([chunk_nll(logits, batch.targets[sl], again) for sl, logits, again in logit_chunks(model, batch, chunk)]).numpy()
+
+
+@pytest.mark.parametrize("path", ["blocks", "chunks"])
 @pytest.mark.parametrize("chunk", [16, 64])
-def test_head_memory_bounded_by_chunk_not_batch(wide_vocab_model, chunk):
+def test_head_memory_bounded_by_chunk_not_batch(wide_vocab_model, chunk, path):
+    from harness.head import BLOCK_FLOATS, blocked_head
+
     model = wide_vocab_model
+    assert blocked_head(model)  # token_nlls takes the vocabulary blocks on this CPU head
     vocab = model.config.vocab_size
+    score = (lambda b: token_nlls(model, b, logits_chunk=chunk)) if path == "blocks" else (lambda b: _chunked_nlls(model, b, chunk))
     peaks = {}
     for shape in [(4, 32), (8, 128)]:  # windows x length: 8x more scored positions
         n_windows, L = shape
         batch = _batch(vocab, n_tokens=n_windows * L // 2 + L // 2, L=L, S=L // 2)
         release_workspace(model)  # so the measured call makes its head buffer again
-        peaks[shape] = _largest_allocation(lambda: token_nlls(model, batch, logits_chunk=chunk))
+        peaks[shape] = _largest_allocation(lambda: score(batch))
         assert len(batch.targets) > chunk  # several chunks ran
-    bound = chunk * vocab * 4  # one float32 chunk of logits
+        np.testing.assert_allclose(score(batch), _full_logits_nlls(model, batch), rtol=1e-5, atol=1e-6)
+    # the largest allocation is exactly one buffer of logits, whatever the batch: by blocks, one
+    # block of BLOCK_FLOATS (rows x a vocabulary slice); by chunks, one chunk of rows x the whole
+    # vocabulary (the CPU head pads rows to a multiple of 16, which 16 and 64 are)
+    bound = BLOCK_FLOATS * 4 if path == "blocks" else chunk * vocab * 4
     for shape, peak in peaks.items():
-        # the largest allocation is exactly that chunk (the CPU head pads rows to a multiple of 16,
-        # which 16 and 64 are), whatever the batch: nothing grows with the number of positions
         assert peak == bound, (shape, peak, bound)
     # the measurement can see growth: the full-logits forward allocates batch x length x vocab
     full = _batch(vocab, n_tokens=4 * 64 // 2 + 32, L=64, S=32)

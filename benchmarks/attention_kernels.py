@@ -9,8 +9,10 @@ GFLOP/s counts the useful work only, 4 x heads x head_dim per causal (query, key
 ``benchmarks/flops.py`` uses (a full-attention row does twice the pairs and is counted so).
 The error is against float32 SDPA on the same bf16 values.
 
-Candidates: SDPA's CPU flash kernel causal (what the harness runs, GQA in the kernel or with the
-keys repeated), in float32, without the mask (twice the work: the kernel's throughput without
+Candidates: SDPA's CPU flash kernel causal (what transformers runs, GQA in the kernel or with the
+keys repeated), the harness's own causal kernel where it runs (AMX CPUs; ``harness/causal_kernel.py``;
+its output [B, T, heads, D] is already in the layout the output projection reads, so SDPA's
+transpose copy, not timed here, is saved too), in float32, without the mask (twice the work: the kernel's throughput without
 causal blocks), a causal split into the two halves' triangles and the lower-left rectangle merged
 by their log-sum-exps, one bf16 ``bmm`` of Q K^T alone (half the work of attention, no softmax),
 and compiled flex attention with a causal block mask. A second table times the flash kernel
@@ -77,7 +79,7 @@ def main() -> None:
     full = 4 * heads * dim * T * T * B
 
     cases = {
-        "SDPA flash, causal, bf16, GQA in the kernel (the harness)":
+        "SDPA flash, causal, bf16, GQA in the kernel (transformers)":
             (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), causal),
         "SDPA flash, causal, bf16, keys repeated": (lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), causal),
         "SDPA flash, causal, float32": (lambda: F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True), causal),
@@ -85,6 +87,11 @@ def main() -> None:
         "causal split: 2 triangles + 1 rectangle, merged": (lambda: split_halves(q, kk, vv), causal),
         "bmm Q K^T only, bf16 (all T^2 pairs, half the work)": (lambda: q @ kk.transpose(-1, -2), full // 2),
     }
+    from harness import causal_kernel
+
+    if causal_kernel.available():  # AMX CPUs: built into the harness's cache on first use
+        cases["the harness's causal kernel (harness/causal_kernel.py), bf16"] = (
+            lambda: causal_kernel.attention(q, k, v).transpose(1, 2), causal)
     if not args.no_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

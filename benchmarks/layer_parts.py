@@ -4,9 +4,10 @@
 
 Times, in turn (A B C D A B C D ..., five calls per sample, median): the layer through the
 harness's compiled package (built into the cache first if missing, as ``ppl compile`` does),
-the same layer eagerly, SDPA's causal kernel on the layer's query, key and value shapes, and
-the layer's linears on its input shapes. The package minus SDPA and the linears is the rest:
-norms, rotary, the activation, residual adds (fused by inductor). GFLOP/s count the useful work
+the same layer eagerly, SDPA's causal kernel and (on AMX, where the harness installs it) the
+harness's causal kernel on the layer's query, key and value shapes, and the layer's linears on
+its input shapes. The package minus the attention it runs and the linears is the rest: norms,
+rotary, the activation, residual adds (fused by inductor). GFLOP/s count the useful work
 as ``benchmarks/flops.py`` does; the bf16 GEMM peak (4096^3) is measured before and after.
 (SmolLM2 only: Gemma-3's sliding layers run the harness's own banded attention, which the model
 gets when the harness loads it, not here.)
@@ -36,12 +37,14 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
+    from harness import attention
     from harness.allocator import keep_freed_memory
     from harness.packaged import Packaged, _rotary, build_package, decoder_layers, package_paths, variants
 
     keep_freed_memory()  # as a harness run does
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(prepare("smollm2"), dtype=torch.bfloat16).eval()
+    attention.install(model)  # as the harness's loading does (the causal kernel on AMX)
     build_package(model)
     package = Packaged(model, package_paths(model))
     (idx,) = variants(model).values()  # Llama-style: one kind of layer
@@ -62,12 +65,19 @@ def main() -> None:
         for m in linears:
             F.linear(inputs[m], m.weight)
 
+    from harness import causal_kernel
+
     fns = {
         "layer through the compiled package": lambda: package.run(i, hidden, cos, sin),
         "layer eagerly": lambda: layer(hidden, position_embeddings=(cos, sin), attention_mask=None),
         "SDPA causal (flash, GQA in the kernel)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
         f"the {len(linears)} linears": run_linears,
     }
+    # the attention the layer runs: the harness's kernel where the model got it (AMX), else SDPA's
+    attn = "SDPA causal (flash, GQA in the kernel)"
+    if model.config._attn_implementation == "causal_kernel":
+        attn = "the harness's causal kernel"
+        fns[attn] = lambda: causal_kernel.attention(q, k, v)
     peak = gemm_peak(torch.bfloat16)
     times = alternate({name: (lambda f=f: [f() for _ in range(5)]) for name, f in fns.items()}, args.repeats)
     peak = max(peak, gemm_peak(torch.bfloat16))
@@ -75,6 +85,7 @@ def main() -> None:
     pairs = T * (T + 1) // 2
     flops = {
         "SDPA causal (flash, GQA in the kernel)": 4.0 * B * heads * hd * T * (T + 1) // 2,
+        "the harness's causal kernel": 4.0 * B * heads * hd * T * (T + 1) // 2,
         f"the {len(linears)} linears": 2.0 * B * T * sum(m.weight.numel() for m in linears),
     }
     flops["layer through the compiled package"] = flops[f"the {len(linears)} linears"] + 4.0 * B * heads * hd * pairs
@@ -86,8 +97,8 @@ def main() -> None:
     for name, t in ms.items():
         rate = flops[name] / (t / 1e3)
         print(f"| {name} | {t:.1f} | {rate / 1e9:.0f} | {rate / peak:.0%} |")
-    rest = ms["layer through the compiled package"] - ms["SDPA causal (flash, GQA in the kernel)"] - ms[f"the {len(linears)} linears"]
-    print(f"| the rest of the package (norms, rotary, activation, adds; by difference) | {rest:.1f} | | |")
+    rest = ms["layer through the compiled package"] - ms[attn] - ms[f"the {len(linears)} linears"]
+    print(f"| the rest of the package (norms, rotary, activation, adds; by difference from {attn}) | {rest:.1f} | | |")
 
 
 if __name__ == "__main__":

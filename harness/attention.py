@@ -27,6 +27,10 @@ import torch
 
 NAME = "sliding_blocks"
 FAMILIES = {"gemma3", "gemma3_text"}
+# Full causal attention through the harness's kernel where it applies (``causal_kernel.py``),
+# SDPA otherwise; for Gemma-3 its global layers take the same route from ``sliding_blocks``.
+CAUSAL = "causal_kernel"
+CAUSAL_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"} | FAMILIES
 # Query positions per block, as a fraction of the window: keys per block are block + window - 1,
 # so smaller blocks do less arithmetic but make more, smaller SDPA calls;
 # benchmarks/attention_blocks.py measures the choice.
@@ -52,8 +56,20 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
     if window and attention_mask is None and (tracing or (q_len == kv_len and q_len > window)):
         return banded(query, key, value, window, kwargs.get("scaling")), None
     if not window or q_len != kv_len or q_len <= window:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return causal_attention(module, query, key, value, attention_mask, **{**kwargs, "sliding_window": None})
     return _block_by_block(module, query, key, value, attention_mask, window, **kwargs), None
+
+
+def causal_attention(module, query, key, value, attention_mask, **kwargs):
+    """Transformers attention function: the harness's causal kernel where it applies (bf16 on
+    an AMX CPU, no mask: ``causal_kernel.applies``), transformers' SDPA function otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from . import causal_kernel
+
+    if getattr(module, "is_causal", True) and causal_kernel.applies(query, key, value, attention_mask, **kwargs):
+        return causal_kernel.attention(query, key, value, kwargs.get("scaling")), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 @torch.compiler.disable  # eval.compile just in time: a loop over blocks; traced, it made one graph per window length
@@ -108,12 +124,13 @@ def banded(query, key, value, window: int, scaling: float | None = None) -> torc
 
 
 def register() -> str:
-    """Register the attention function and its mask builder (SDPA's) with transformers; idempotent."""
+    """Register the attention functions and their mask builder (SDPA's) with transformers; idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, sliding_blocks_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    for name, fn in ((NAME, sliding_blocks_attention), (CAUSAL, causal_attention)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
     return NAME
 
 
@@ -123,9 +140,30 @@ def applies(model) -> bool:
     return getattr(cfg, "model_type", None) in FAMILIES and bool(getattr(text, "sliding_window", None))
 
 
-def install(model) -> bool:
-    """Run a Gemma-3 model's sliding layers block by block; True if the model is one (else untouched)."""
-    if not applies(model):
-        return False
-    model.set_attn_implementation(register())
-    return True
+def install(model) -> str | None:
+    """Switch a loaded model's attention to the harness's: Gemma-3's sliding layers block by
+    block (``sliding_blocks``); a bf16 CPU model of a ``CAUSAL_FAMILIES`` family whose machine
+    runs the causal kernel, to it (``causal_kernel``). Returns the name set, or None (untouched)."""
+    from . import causal_kernel
+
+    if applies(model):
+        register()
+        model.set_attn_implementation(NAME)
+        return NAME
+    if (getattr(model.config, "model_type", None) in CAUSAL_FAMILIES and getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and model.dtype == torch.bfloat16 and model.device.type == "cpu" and causal_kernel.available()):
+        register()
+        model.set_attn_implementation(CAUSAL)
+        return CAUSAL
+    return None
+
+
+def describe(model) -> str:
+    """The record's word for the model's attention: transformers' implementation name, and
+    whether the harness's causal kernel runs its full causal layers."""
+    from . import causal_kernel
+
+    impl = getattr(model.config, "_attn_implementation", None) or "unknown"
+    if impl in (NAME, CAUSAL) and model.dtype == torch.bfloat16 and causal_kernel.available():
+        return f"{impl} (causal layers: the harness's AMX kernel)"
+    return impl

@@ -107,8 +107,8 @@ def packable(model) -> str | None:
     if layers is None:
         return "no stack of decoder layers found"
     impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in ("sdpa", attention.NAME):
-        return f"attention {impl!r} (only sdpa and {attention.NAME} are packaged)"
+    if impl not in ("sdpa", attention.NAME, attention.CAUSAL):
+        return f"attention {impl!r} (only sdpa, {attention.NAME} and {attention.CAUSAL} are packaged)"
     text = _text_config(model)
     if getattr(text, "use_bidirectional_attention", False) or getattr(text, "attn_logit_softcapping", None):
         return "bidirectional or soft-capped attention"
@@ -137,16 +137,19 @@ def package_paths(model) -> dict[str, Path]:
     AMX), and a package built on the one may carry instructions the other does not have."""
     import transformers
 
-    from . import precision
+    from . import attention, causal_kernel, precision
 
     layers = decoder_layers(model)
+    impl = getattr(model.config, "_attn_implementation", None)
+    # the harness's causal kernel is traced into the package where it runs (a call of its op)
+    kernel = causal_kernel.fingerprint() if impl in (attention.NAME, attention.CAUSAL) and causal_kernel.available() else None
     dtype = next(layers.parameters()).dtype
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_SHAPE}
     kinds = variants(model)
     paths = {}
     for kind in kinds:
         key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
-               "attention": getattr(model.config, "_attn_implementation", None), "kind": kind, "inductor": INDUCTOR,
+               "attention": impl, "attention_kernel": kernel, "kind": kind, "inductor": INDUCTOR,
                "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
                "isa": [torch.backends.cpu.get_cpu_capability(), *precision.cpu_bf16_flags()], "tensors": _tensor_names(layers[0])}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from . import allocator, compiled, precision, protocols, record
+from . import allocator, attention, compiled, precision, protocols, record
 from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
@@ -104,7 +104,8 @@ def _run_section(dist, batch_size: int, done, model, heap: str | None) -> dict:
 def _precision(cfg: RunConfig, model, windows) -> dict:
     """The record's precision section, with what eval.compile decided for this run's plan."""
     planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
-    return {**precision.describe(model, cfg.model.dtype, input_device(model)), "compile": compiled.enable(model, planned).as_dict()}
+    return {**precision.describe(model, cfg.model.dtype, input_device(model)), "attention": attention.describe(model),
+            "compile": compiled.enable(model, planned).as_dict()}
 
 
 def _scorer(cfg: RunConfig, settings, model, tokenizer, streams):

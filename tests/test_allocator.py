@@ -49,13 +49,17 @@ def _run(keep: bool, **env) -> list[str]:
 
 @glibc
 def test_freed_blocks_serve_the_next_batch():
-    """glibc's defaults give back and fault in again ~70 MiB per batch here (~18,000 faults of 4
-    KiB); kept, the second batch on reuses the first one's memory."""
-    (plain,) = _run(False)
-    said, kept = _run(True)
-    assert said == "glibc malloc keeping freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)"
-    assert int(plain) > 10 * 4096, plain  # the premise: each batch faults its blocks in afresh
-    assert int(kept) < int(plain) / 5, (kept, plain)
+    """glibc's defaults give back and fault in again up to ~190 MiB per batch here; kept, the
+    second batch on reuses the first one's memory. glibc adapts its thresholds to what a process
+    frees, differently from process to process: ten batches gave 18,400 to 490,240 faults with its
+    defaults (a third of the processes gave the low 18,400) and 0 to 10,752 kept (six fresh
+    processes each), so the totals of five processes each are compared."""
+    plain = [int(_run(False)[0]) for _ in range(5)]
+    runs = [_run(True) for _ in range(5)]
+    kept = [int(r[1]) for r in runs]
+    assert {r[0] for r in runs} == {"glibc malloc keeping freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)"}
+    assert max(plain) > 10 * 4096, plain  # the premise: batches fault their blocks in afresh
+    assert sum(kept) < sum(plain) / 5, (kept, plain)
 
 
 @glibc
@@ -66,4 +70,6 @@ def test_the_users_own_settings_are_left_alone():
     assert said == "glibc malloc as the environment sets it"
     said, faults = _run(True, PPL_ALLOCATOR="default")
     assert said == "the platform's default (PPL_ALLOCATOR=default)"
-    assert int(faults) > 10 * 4096, faults  # glibc's own behaviour, as without the harness
+    # glibc's own behaviour, as without the harness: its defaults never gave fewer than 18,400
+    # faults here, the setting kept never more than 10,752 (test above)
+    assert int(faults) > 4 * 4096, faults

@@ -139,11 +139,21 @@ def test_tiny_gemma3_bfloat16_within_measured_tolerance(tiny_gemma3):
         model.float().set_attn_implementation("sdpa")
 
 
-def test_install_only_gemma3(tiny_gemma3, tiny):
+def test_install_gemma3_and_bf16_llamas(tiny_gemma3, tiny):
+    """Gemma-3 gets the block attention; a float32 Llama stays SDPA; a bf16 Llama on the CPU gets
+    the causal kernel where the machine runs it (AMX), else stays SDPA."""
+    import copy
+
+    from harness import causal_kernel
+
     _, llama, _ = tiny
-    assert attention.install(llama) is False
-    assert llama.config._attn_implementation != attention.NAME
-    assert attention.install(tiny_gemma3) is True
+    assert attention.install(llama) is None
+    assert llama.config._attn_implementation == "sdpa"
+    bf16 = copy.deepcopy(llama).to(torch.bfloat16)
+    want = attention.CAUSAL if causal_kernel.available() else None
+    assert attention.install(bf16) == want
+    assert bf16.config._attn_implementation == (want or "sdpa")
+    assert attention.install(tiny_gemma3) == attention.NAME
     assert tiny_gemma3.config._attn_implementation == attention.NAME
     tiny_gemma3.set_attn_implementation("sdpa")
 

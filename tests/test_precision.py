@@ -76,9 +76,14 @@ def test_bf16_head_gives_float32_logits(tiny_bf16, chunk):
 
 @pytest.fixture(scope="module")
 def smollm2_bf16(smollm2):
-    """The session's float32 SmolLM2, copied and rounded to bf16 (what loading in bf16 gives)."""
+    """The session's float32 SmolLM2, copied and rounded to bf16, its attention set as loading in
+    bf16 sets it (``attention.install``: the harness's causal kernel on an AMX CPU)."""
+    from harness import attention
+
     model, tok = smollm2
-    return copy.deepcopy(model).to(torch.bfloat16).eval(), tok
+    bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
+    attention.install(bf16)
+    return bf16, tok
 
 
 def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
@@ -108,6 +113,11 @@ def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
     assert r["precision"] == {
         **r["precision"], "body": "bfloat16", "head": "bfloat16 weights, float32 output", "logsumexp": "float32",
     }
+    from harness import causal_kernel
+
+    kernel = causal_kernel.available()  # this machine runs the kernel where it has AMX: the fast path is what is held here
+    assert kernel == ({"amx_bf16", "avx512_bf16"} <= set(precision.cpu_bf16_flags()))
+    assert r["precision"]["attention"] == ("causal_kernel (causal layers: the harness's AMX kernel)" if kernel else "sdpa")
     print(f"\nSmolLM2 bf16 vs float32: PPL {kl['ppl_model']:.4f} vs {kl['ppl_base']:.4f} "
           f"({kl['ppl_model'] / kl['ppl_base'] - 1:+.2e}), mean KL {kl['mean']:.2e}, top-1 {kl['top1_agreement']:.4f}")
 
@@ -131,12 +141,12 @@ def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny
 
     a, b = go(f32, "float32", 1), go(f32, "float32", 3)
     assert a["precision"] == {"requested": "float32", "body": "float32", "head": "float32", "logsumexp": "float32",
-                              "reason": "requested", "batch_invariant": True,
+                              "reason": "requested", "batch_invariant": True, "attention": "sdpa",
                               "compile": {"on": False, "reason": a["precision"]["compile"]["reason"]}}
     assert a["config_hash"] == b["config_hash"]
     c, d = go(bf16, "bfloat16", 1), go(bf16, "bfloat16", 3)
     assert c["precision"] == {"requested": "bfloat16", "body": "bfloat16", "head": "bfloat16 weights, float32 output",
-                              "logsumexp": "float32", "reason": "requested", "batch_invariant": False,
+                              "logsumexp": "float32", "reason": "requested", "batch_invariant": False, "attention": "sdpa",
                               "compile": {"on": False, "reason": c["precision"]["compile"]["reason"]}}
     assert c["config_hash"] != d["config_hash"]
     e, f = go(f32, "auto", 1), go(bf16, "auto", 1)

@@ -1,0 +1,97 @@
+"""The harness's causal attention kernel for bf16 on CPUs with AMX (``kernels/causal_attention.cpp``).
+
+SDPA's CPU flash kernel ran SmolLM2's causal attention (head_dim 64, batch 4 x 1,024) at about
+400 GFLOP/s, a fifth of the bf16 GEMM peak, and was 38% of a compiled layer's time. The kernel
+here computes the same attention (float32 scores and softmax, bf16 probabilities times V,
+float32 sums; see the source) with the query heads of a key head stacked into one matmul, blocks
+of 128 x 128, and a polynomial exponential; ``benchmarks/attention_kernels.py`` measures both.
+
+It is C++, built on first use into the harness's cache with torch's extension builder (a few
+seconds; a C++ compiler and ninja needed) and loaded as the op ``ppl_harness::causal_attention``,
+with a fake kernel so that ``torch.export`` traces it into the compiled layer packages. It is
+taken only where it was measured: a CPU with AMX-BF16 and AVX-512 BF16, bf16 tensors, no mask
+(unpadded or end-padded batches), head_dim a multiple of 32 up to 256. Elsewhere, or where the
+build fails (one warning line), attention stays SDPA's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "causal_attention.cpp"
+# what the kernel is compiled for: the AVX-512 subsets it uses (the CPU has them where AMX-BF16 is)
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+
+def _cpu_ok() -> bool:
+    from .precision import cpu_bf16_flags
+
+    return sys.platform.startswith("linux") and {"amx_bf16", "avx512_bf16"} <= set(cpu_bf16_flags())
+
+
+def fingerprint() -> str:
+    """The kernel's source and build, as a short digest (keys the build and the compiled packages)."""
+    text = SOURCE.read_bytes() + " ".join([*CFLAGS, torch.__version__]).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+@functools.cache
+def available() -> bool:
+    """The kernel is built (or found built), loaded and usable on this machine."""
+    if os.environ.get("PPL_ATTENTION_KERNEL", "").lower() in ("0", "off", "false", "no") or not _cpu_ok():
+        return False
+    try:
+        _load()
+    except Exception as err:  # no compiler, no ninja, a failed build: SDPA, said once
+        from .files import cache_root, first_line
+
+        warnings.warn(f"attention: the causal kernel did not build ({first_line(err)}); using SDPA "
+                      f"(build log: {cache_root() / 'kernels'})", stacklevel=2)
+        return False
+    return True
+
+
+def _load() -> None:
+    from torch.utils.cpp_extension import load
+
+    from .files import cache_root
+
+    bindir = os.path.dirname(sys.executable)  # the venv's bin, where pip's ninja lives
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    build = cache_root() / "kernels" / f"causal-{fingerprint()}"
+    build.mkdir(parents=True, exist_ok=True)
+    load(name=f"ppl_causal_{fingerprint()}", sources=[str(SOURCE)], build_directory=str(build),
+         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+
+    @torch.library.register_fake("ppl_harness::causal_attention")
+    def _(q, k, v, scale):
+        B, H, T, D = q.shape
+        return q.new_empty(B, T, H, D)
+
+
+def applies(query, key, value, attention_mask, **kwargs) -> bool:
+    """The kernel computes this call of a transformers attention function exactly as SDPA's
+    causal path would (up to rounding): bf16 CPU tensors, self-attention without a mask, cache or
+    sliding window, no dropout, soft-cap or sinks, a head_dim it takes."""
+    return (
+        attention_mask is None and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
+        and query.shape[2] == key.shape[2] and query.shape[3] % 32 == 0 and query.shape[3] <= 256
+        and query.shape[1] % key.shape[1] == 0 and not kwargs.get("dropout") and not kwargs.get("sliding_window")
+        and not kwargs.get("softcap") and kwargs.get("s_aux") is None and available()
+    )
+
+
+def attention(query, key, value, scaling: float | None = None) -> torch.Tensor:
+    """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys and values: [B, T, Hq, D]."""
+    if not available():
+        raise RuntimeError("the causal attention kernel is not available here (causal_kernel.available())")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return torch.ops.ppl_harness.causal_attention(query, key, value, float(scale))

@@ -52,7 +52,7 @@ class ModelConfig(_Section):
         "what does not fit is offloaded to disk (offload_folder)."
     )
     offload_folder: str | None = Field(None, description="With device_map: where weights offloaded to disk are kept.")
-    attn_implementation: str | None = Field(None, description="sdpa, eager, ... (transformers' default if unset).")
+    attn_implementation: str | None = Field(None, description="sdpa, eager, ... (unset: the harness's choice, see harness/attention.py; transformers' default otherwise).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless set.")
     allow_pickle: bool = Field(False, description="Allow loading pickled (.bin) weights; safetensors/GGUF otherwise.")
     quantize: Literal["dynamic-int8", "int8-weight-only"] | None = Field(

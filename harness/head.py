@@ -112,7 +112,7 @@ def block_gemm(head, hidden: torch.Tensor, kind: str | None = None):
     float32; float32 hidden states are never rounded to bf16)."""
     w = head.weight
     bf16 = w.dtype == hidden.dtype == torch.bfloat16
-    mkl = precision.mkl_bf16_gemm() if bf16 else None
+    mkl = precision.mkl_bf16_gemm() if bf16 and w.stride(-1) == 1 else None  # MKL reads the weight's rows in place
     kind = kind or ("mkl" if mkl else "bf16-products" if bf16 and precision.cpu_bf16_flags() else "float32")
     if kind == "mkl":
         h = hidden.contiguous()
@@ -143,10 +143,12 @@ def block_nlls(model, hidden: torch.Tensor, targets: torch.Tensor, kind: str | N
     gemm, _ = block_gemm(head, hidden, kind)
     block = _block_size(m, vocab)
     targets = targets.to(torch.int64)
+    if m and not (0 <= int(targets.min()) and int(targets.max()) < vocab):
+        raise ValueError(f"token ids {int(targets.min())}..{int(targets.max())} outside the head's {vocab} rows")
     order = targets.argsort()
     bounds = torch.searchsorted(targets[order], torch.arange(0, vocab + block, block)).tolist()
     total = torch.zeros(m, dtype=torch.float64)
-    picked = torch.empty(m, dtype=torch.float32)
+    picked = torch.full((m,), torch.nan)  # every row's target lies in one block (checked above)
     for b, (v0, logits) in enumerate(_blocks(model, gemm, m, block)):
         rows = order[bounds[b] : bounds[b + 1]]
         picked[rows] = logits[rows, targets[rows] - v0]

@@ -132,3 +132,13 @@ def test_no_float32_copy_of_a_bf16_weight_with_mkl():
     torch.testing.assert_close(got.double(), _reference(model, hidden, targets), rtol=1e-5, atol=8 * 200 * 2**-24)
     mkl = precision.mkl_bf16_gemm() is not None
     assert (model.head in precision._WEIGHT32) == (not mkl and bool(precision.cpu_bf16_flags()))
+
+
+def test_token_ids_outside_the_head_are_refused():
+    """A target id the head has no row for is an error, not an NLL of whatever the buffer held."""
+    model = _model(torch.float32, vocab=300)
+    hidden = torch.randn(3, 64)
+    with torch.inference_mode():
+        for bad in (300, -1):
+            with pytest.raises(ValueError, match="outside the head's 300 rows"):
+                block_nlls(model, hidden, torch.tensor([0, bad, 5]))

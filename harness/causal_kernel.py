@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "causal_attention.cpp"
+_FAKE: list = []  # the op's fake kernel, once registered
 # what the kernel is compiled for: the AVX-512 subsets it uses (the CPU has them where AMX-BF16 is)
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
 
@@ -71,10 +72,14 @@ def _load() -> None:
     load(name=f"ppl_causal_{fingerprint()}", sources=[str(SOURCE)], build_directory=str(build),
          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
-    @torch.library.register_fake("ppl_harness::causal_attention")
-    def _(q, k, v, scale):
-        B, H, T, D = q.shape
-        return q.new_empty(B, T, H, D)
+    if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)
+
+        @torch.library.register_fake("ppl_harness::causal_attention")
+        def _(q, k, v, scale):
+            B, H, T, D = q.shape
+            return q.new_empty(B, T, H, D)
+
+        _FAKE.append(_)
 
 
 def applies(query, key, value, attention_mask, **kwargs) -> bool:

@@ -21,8 +21,10 @@ means that reference rounded once to float32. Candidates:
   ``b`` with one more matmul: timed as ``b`` plus a second product;
 - ``e-mkl-bf16bf16f32``: MKL's ``cblas_gemm_bf16bf16f32`` (bf16 operands, float32 sums and
   output), which torch's CPU library exports though torch has no op for it; called through
-  ``ctypes`` into a reused [rows, vocab] buffer; left out where the symbol is missing. (On an AMD
-  Zen 4 it was slower than ``b``: MKL takes a non-AVX-512 path there; on AMX Xeons unmeasured.)
+  ``harness.precision.mkl_gemm`` (ctypes) into a reused [rows, vocab] buffer; left out where the
+  symbol is missing. (On an AMD Zen 4 it was slower than ``b``: MKL takes a non-AVX-512 path
+  there; on an AMX Xeon too, on whole chunks; by vocabulary blocks it wins there:
+  ``benchmarks/head_blocks.py``.)
 - ``d`` (a float32 head for the scored rows only) is what every candidate here does already:
   the harness projects only scored rows.
 
@@ -41,30 +43,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-def mkl_bf16_gemm():
-    """MKL's ``cblas_gemm_bf16bf16f32`` from torch's CPU library, or None where it is not there."""
-    import ctypes
-    import os
-
-    import torch
-
-    try:
-        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
-    except (OSError, AttributeError):
-        return None
-    i, p = ctypes.c_int, ctypes.c_void_p
-    fn.restype, fn.argtypes = None, [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
-    row_major, no_trans, trans = 101, 111, 112
-
-    def head(h, w, out):  # out [m, vocab] = h [m, width] @ w [vocab, width]^T
-        m, width = h.shape
-        fn(row_major, no_trans, trans, m, w.shape[0], width, 1.0, h.data_ptr(), width, w.data_ptr(), width, 0.0,
-           out.data_ptr(), w.shape[0])
-        return out
-
-    return head
-
-
 HEADS = {"gemma3": (262_144, 640, 0.03), "smollm2": (49_152, 576, 0.08)}  # vocab, width, weight std
 
 
@@ -78,10 +56,10 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from harness.precision import bf16_products, cpu_bf16_flags
+    from harness.precision import bf16_products, cpu_bf16_flags, mkl_gemm
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu bf16: {cpu_bf16_flags() or 'none'}")
-    mkl = mkl_bf16_gemm()
+    mkl = mkl_gemm()  # on any CPU: this is where MKL is measured against the others
     rows = []
     for name in args.models:
         vocab, width, std = HEADS[name]

@@ -67,9 +67,10 @@ def _load() -> None:
     bindir = os.path.dirname(sys.executable)  # the venv's bin, where pip's ninja lives
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    build = cache_root() / "kernels" / f"causal-{fingerprint()}"
+    digest = fingerprint()
+    build = cache_root() / "kernels" / f"causal-{digest}"
     build.mkdir(parents=True, exist_ok=True)
-    load(name=f"ppl_causal_{fingerprint()}", sources=[str(SOURCE)], build_directory=str(build),
+    load(name=f"ppl_causal_{digest}", sources=[str(SOURCE)], build_directory=str(build),
          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
 
     if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)

@@ -179,19 +179,14 @@ def low_precision_head(head: torch.nn.Module, hidden: torch.Tensor, out: torch.T
 
 
 @functools.cache
-def mkl_bf16_gemm():
+def mkl_gemm():
     """``gemm(a, b, out)``: ``out[m, n] = a[m, k] @ b[n, k]^T`` for bf16 ``a``, ``b`` (rows
     contiguous) into a float32 ``out`` (rows contiguous), by MKL's ``cblas_gemm_bf16bf16f32``:
-    exact products of the bf16 values, summed in float32, written in float32. None where it is not
-    the fastest such kernel measured or not there.
-
-    torch has no op for a bf16 x bf16 -> float32 matmul on the CPU; its x86 wheels link MKL and
-    export this function. Taken only on a CPU with AMX (``amx_bf16``), where it beat oneDNN's
-    float32 matmul in bf16 precision on the head's blocks (``benchmarks/head_blocks.py``); on an
-    AMD Zen 4 (AVX-512 BF16, no AMX) MKL took a slower path than oneDNN
-    (``benchmarks/head_precision.py``), so oneDNN's stays the way there.
+    exact products of the bf16 values, summed in float32, written in float32; None where torch's
+    library does not export it. torch has no op for a bf16 x bf16 -> float32 matmul on the CPU;
+    its x86 wheels link MKL and export this function. (Whether to take it: ``mkl_bf16_gemm``.)
     """
-    if "amx_bf16" not in cpu_bf16_flags() or not torch.backends.mkl.is_available():
+    if not torch.backends.mkl.is_available():
         return None
     try:
         fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
@@ -210,3 +205,11 @@ def mkl_bf16_gemm():
         return out
 
     return gemm
+
+
+def mkl_bf16_gemm():
+    """``mkl_gemm()`` where it is the fastest such kernel measured, else None: on a CPU with AMX
+    (``amx_bf16``), where it beat oneDNN's float32 matmul in bf16 precision on the head's blocks
+    (``benchmarks/head_blocks.py``); on an AMD Zen 4 (AVX-512 BF16, no AMX) MKL took a slower path
+    than oneDNN (``benchmarks/head_precision.py``), so oneDNN's stays the way there."""
+    return mkl_gemm() if "amx_bf16" in cpu_bf16_flags() else None

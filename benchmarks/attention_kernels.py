@@ -10,7 +10,7 @@ GFLOP/s counts the useful work only, 4 x heads x head_dim per causal (query, key
 The error is against float32 SDPA on the same bf16 values.
 
 Candidates: SDPA's CPU flash kernel causal (what transformers runs, GQA in the kernel or with the
-keys repeated), the harness's own causal kernel where it runs (AMX CPUs; ``harness/causal_kernel.py``;
+keys repeated), the harness's own causal kernel where it runs (CPUs with AVX-512 BF16; ``harness/causal_kernel.py``;
 its output [B, T, heads, D] is already in the layout the output projection reads, so SDPA's
 transpose copy, not timed here, is saved too), in float32, without the mask (twice the work: the kernel's throughput without
 causal blocks), a causal split into the two halves' triangles and the lower-left rectangle merged
@@ -89,7 +89,7 @@ def main() -> None:
     }
     from harness import causal_kernel
 
-    if causal_kernel.available():  # AMX CPUs: built into the harness's cache on first use
+    if causal_kernel.available():  # AVX-512 BF16 CPUs: built into the harness's cache on first use
         cases["the harness's causal kernel (harness/causal_kernel.py), bf16"] = (
             lambda: causal_kernel.attention(q, k, v).transpose(1, 2), causal)
     if not args.no_flex:

@@ -22,7 +22,7 @@ is set).
 
 A second function, ``causal_kernel``, is installed the same way on bf16 CPU models of
 Llama-style families (``CAUSAL_FAMILIES``) where the machine runs the harness's causal kernel
-(``causal_kernel.py``: AMX); it takes the kernel for calls without a mask, SDPA for the rest.
+(``causal_kernel.py``: AVX-512 BF16); it takes the kernel for calls without a mask, SDPA for the rest.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
 
 def causal_attention(module, query, key, value, attention_mask, **kwargs):
     """Transformers attention function: the harness's causal kernel where it applies (bf16 on
-    an AMX CPU, no mask: ``causal_kernel.applies``), transformers' SDPA function otherwise."""
+    a CPU with AVX-512 BF16, no mask: ``causal_kernel.applies``), transformers' SDPA function otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from . import causal_kernel
@@ -171,5 +171,5 @@ def describe(model) -> str:
 
     impl = getattr(model.config, "_attn_implementation", None) or "unknown"
     if impl == CAUSAL and model.dtype == torch.bfloat16 and causal_kernel.available():
-        return f"{impl} (the harness's AMX kernel)"
+        return f"{impl} (the harness's bf16 CPU kernel)"
     return impl

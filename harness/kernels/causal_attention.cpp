@@ -56,7 +56,7 @@ inline void store_bf16(bf16* dst, __m512 x) {
 }
 
 // Keys transposed and values, per (batch row, key head, key block), zero past T, packed for brgemm.
-void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bf16* kp_out, bf16* vp_out) {
+void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, bf16* kp_out, bf16* vp_out) {
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
   const bf16 *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
   at::parallel_for(0, B * H * nk, 1, [&](int64_t begin, int64_t end) {
@@ -72,9 +72,16 @@ void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bf16* kp_out
         else std::memset(vb.data() + r * D, 0, D * sizeof(bf16));
       }
       bf16* kdst = kp_out + idx * D * BK;
+      bf16* vdst = vp_out + idx * BK * D;
+      if (!amx) {  // VNNI pairs by hand: element (k, n) of a K x N matrix at (k / 2) * 2N + 2n + k % 2
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t r = 0; r < BK; ++r) kdst[(d / 2) * 2 * BK + 2 * r + d % 2] = kt[d * BK + r];
+        for (int64_t r = 0; r < BK; ++r)
+          for (int64_t d = 0; d < D; ++d) vdst[(r / 2) * 2 * D + 2 * d + r % 2] = vb[r * D + d];
+        continue;
+      }
       for (int64_t n0 = 0; n0 < BK; n0 += 64)  // packed 64 columns at a time (the packer's limit)
         at::native::cpublas::pack(D, 64, BK, 64, at::kBFloat16, at::kBFloat16, kt.data() + n0, kdst + n0 * D);
-      bf16* vdst = vp_out + idx * BK * D;
       for (int64_t n0 = 0; n0 < D; n0 += 64)
         at::native::cpublas::pack(BK, std::min<int64_t>(64, D - n0), D, std::min<int64_t>(64, D - n0), at::kBFloat16, at::kBFloat16,
                                   vb.data() + n0, vdst + n0 * BK);
@@ -146,7 +153,8 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   if (T == 0 || B == 0) return out;
   const int64_t nk = (T + BK - 1) / BK, nq = (T + BQ - 1) / BQ;
   Tensor Kp = at::empty({B * Hkv * nk * D * BK}, q.options()), Vp = at::empty({B * Hkv * nk * BK * D}, q.options());
-  pack_keys_values(k, v, nk, Kp.data_ptr<bf16>(), Vp.data_ptr<bf16>());
+  const bool amx = at::native::cpublas::could_pack(at::kBFloat16);  // else AVX-512 BF16 micro-kernels
+  pack_keys_values(k, v, nk, amx, Kp.data_ptr<bf16>(), Vp.data_ptr<bf16>());
   const bf16* qp = q.data_ptr<bf16>();
   const bf16 *kpk = Kp.data_ptr<bf16>(), *vpk = Vp.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
@@ -172,11 +180,13 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
       for (int64_t j = 0; j < jn; ++j) {
         const bf16* kb = kpk + ((b * Hkv + g) * nk + j) * D * BK;
         const bf16* vb = vpk + ((b * Hkv + g) * nk + j) * BK * D;
-        for (int64_t n0 = 0; n0 < BK; n0 += 64)
+        if (!amx) at::native::cpublas::brgemm(M, BK, D, D, BK, BK, false, Qs.data(), kb, S.data());
+        else for (int64_t n0 = 0; n0 < BK; n0 += 64)
           at::native::cpublas::brgemm(M, 64, D, D, 64, BK, false, Qs.data(), kb + n0 * D, S.data() + n0);
         const bool diag = (j + 1) * BK - 1 > i * BQ;  // some key of the block lies after some query
         softmax_block(M, i * BQ, j * BK, diag, scale, D, S.data(), P.data(), O.data(), mx.data(), l.data());
-        for (int64_t n0 = 0; n0 < D; n0 += 64)
+        if (!amx) at::native::cpublas::brgemm(M, D, BK, BK, D, D, true, P.data(), vb, O.data());
+        else for (int64_t n0 = 0; n0 < D; n0 += 64)
           at::native::cpublas::brgemm(M, std::min<int64_t>(64, D - n0), BK, BK, std::min<int64_t>(64, D - n0), D, true, P.data(),
                                       vb + n0 * BK, O.data() + n0);
       }

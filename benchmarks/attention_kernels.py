@@ -15,7 +15,8 @@ its output [B, T, heads, D] is already in the layout the output projection reads
 transpose copy, not timed here, is saved too), in float32, without the mask (twice the work: the kernel's throughput without
 causal blocks), a causal split into the two halves' triangles and the lower-left rectangle merged
 by their log-sum-exps, one bf16 ``bmm`` of Q K^T alone (half the work of attention, no softmax),
-and compiled flex attention with a causal block mask. A second table times the flash kernel
+and compiled flex attention with a causal block mask; with ``--window W``, the harness's banded SDPA
+for sliding layers (``attention.banded``) and the causal kernel with that window. A second table times the flash kernel
 alone, causal, at several lengths: its throughput grows with its blocks (256 query rows from a
 length of 768, 64 below), which is why splitting the causal triangle into smaller calls loses.
 """
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[256, 512, 767, 768, 1024],
                     help="Lengths for the causal flash kernel alone (second table; none: skip it).")
     ap.add_argument("--no-flex", action="store_true", help="Skip compiled flex attention (its compile takes ~20 s).")
+    ap.add_argument("--window", type=int, default=0,
+                    help="Also time a sliding window of this many keys (gemma3: 512): the harness's banded SDPA "
+                         "(attention.banded) and the causal kernel with the window.")
     args = ap.parse_args()
     heads, kv_heads, dim = SHAPES[args.model]
     B, T = args.batch, args.length
@@ -92,6 +96,18 @@ def main() -> None:
     if causal_kernel.available():  # AVX-512 BF16 CPUs: built into the harness's cache on first use
         cases["the harness's causal kernel (harness/causal_kernel.py), bf16"] = (
             lambda: causal_kernel.attention(q, k, v).transpose(1, 2), causal)
+    windowed = {}
+    if args.window:
+        from harness import attention
+
+        W = args.window
+        pairs = sum(min(t + 1, W) for t in range(T))
+        windowed[f"banded SDPA, window {W} (the harness's sliding layers)"] = (
+            lambda: attention.banded(q, k, v, W).transpose(1, 2), 4 * heads * dim * pairs * B)
+        if causal_kernel.available():
+            windowed[f"the harness's causal kernel, window {W}"] = (
+                lambda: causal_kernel.attention(q, k, v, window=W).transpose(1, 2), 4 * heads * dim * pairs * B)
+        cases.update(windowed)
     if not args.no_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -106,10 +122,14 @@ def main() -> None:
 
     with torch.inference_mode():
         ref = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True)
+        if args.window:  # query t sees keys t - W < s <= t
+            t = torch.arange(T)
+            band = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - args.window)
+            ref_w = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=band, enable_gqa=True)
         errors = {}
         for name, (fn, _) in cases.items():
-            out = fn().float()
-            errors[name] = ((out - ref).norm() / ref.norm()).item() if out.shape == ref.shape else None
+            out, want = fn().float(), ref_w if name in windowed else ref
+            errors[name] = ((out - want).norm() / want.norm()).item() if out.shape == want.shape else None
         peak = gemm_peak(torch.bfloat16)
         times = alternate({name: fn for name, (fn, _) in cases.items()}, args.repeats)
         peak = max(peak, gemm_peak(torch.bfloat16))

@@ -78,7 +78,7 @@ def _load() -> None:
     if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)
 
         @torch.library.register_fake("ppl_harness::causal_attention")
-        def _(q, k, v, scale):
+        def _(q, k, v, scale, window=0):
             B, H, T, D = q.shape
             return q.new_empty(B, T, H, D)
 
@@ -87,19 +87,20 @@ def _load() -> None:
 
 def applies(query, key, value, attention_mask, **kwargs) -> bool:
     """The kernel computes this call of a transformers attention function exactly as SDPA's
-    causal path would (up to rounding): bf16 CPU tensors, self-attention without a mask, cache or
-    sliding window, no dropout, soft-cap or sinks, a head_dim it takes."""
+    causal path would (up to rounding): bf16 CPU tensors, self-attention without a mask or cache
+    (a sliding window is the kernel's ``window``), no dropout, soft-cap or sinks, a head_dim it takes."""
     return (
         attention_mask is None and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
         and query.shape[2] == key.shape[2] and query.shape[3] % 32 == 0 and query.shape[3] <= 256
-        and query.shape[1] % key.shape[1] == 0 and not kwargs.get("dropout") and not kwargs.get("sliding_window")
+        and query.shape[1] % key.shape[1] == 0 and not kwargs.get("dropout")
         and not kwargs.get("softcap") and kwargs.get("s_aux") is None and available()
     )
 
 
-def attention(query, key, value, scaling: float | None = None) -> torch.Tensor:
-    """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys and values: [B, T, Hq, D]."""
+def attention(query, key, value, scaling: float | None = None, window: int = 0) -> torch.Tensor:
+    """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys and values: [B, T, Hq, D];
+    with ``window`` > 0 query t sees keys t - window < s <= t only (transformers' sliding window)."""
     if not available():
         raise RuntimeError("the causal attention kernel is not available here (causal_kernel.available())")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.ppl_harness.causal_attention(query, key, value, float(scale))
+    return torch.ops.ppl_harness.causal_attention(query, key, value, float(scale), int(window))

@@ -142,7 +142,7 @@ def package_paths(model) -> dict[str, Path]:
     layers = decoder_layers(model)
     impl = getattr(model.config, "_attn_implementation", None)
     # the harness's causal kernel is traced into the package where it runs (a call of its op)
-    kernel = causal_kernel.fingerprint() if impl == attention.CAUSAL and causal_kernel.available() else None
+    kernel = causal_kernel.fingerprint() if attention.kernel_runs(model) else None
     dtype = next(layers.parameters()).dtype
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_SHAPE}
     kinds = variants(model)

@@ -68,9 +68,36 @@ def test_kernel_as_close_to_float64_as_sdpa(B, Hq, Hkv, T, D):
     assert (scaled.double() - ref_scaled).abs().max() <= 1.25 * (sdpa_scaled - ref_scaled).abs().max() + 1e-6
 
 
+WINDOWED = [(2, 9, 3, 300, 64, 100), (1, 4, 1, 1024, 256, 512), (2, 2, 2, 400, 32, 128), (1, 3, 1, 260, 96, 1), (1, 2, 1, 200, 64, 500)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,W", WINDOWED, ids=[f"T{s[3]}-D{s[4]}-W{s[5]}" for s in WINDOWED])
+def test_sliding_window_as_close_to_float64_as_sdpa(B, Hq, Hkv, T, D, W):
+    """With a window (Gemma-3's sliding layers: 512 over 1,024 positions), query t sees keys
+    t - W < s <= t: windows that end inside a key block and on its edge, shorter than a block, of
+    one key, and longer than the sequence (then plain causal)."""
+    if not NATIVE:
+        assert not causal_kernel.available()
+        return
+    q, k, v = _qkv(B, Hq, Hkv, T, D, seed=1)
+    t = torch.arange(T)
+    mask = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - W)
+    r = Hq // Hkv
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(r, 1), v.double().repeat_interleave(r, 1),
+                                         attn_mask=mask).transpose(1, 2)
+    sdpa = F.scaled_dot_product_attention(q, k.repeat_interleave(r, 1), v.repeat_interleave(r, 1), attn_mask=mask)
+    got = causal_kernel.attention(q, k, v, window=W)
+    err, err_sdpa = (got.double() - ref).abs(), (sdpa.transpose(1, 2).double() - ref).abs()
+    assert err.max() <= 1.25 * err_sdpa.max() + 1e-6
+    assert err.mean() <= 1.1 * err_sdpa.mean() + 1e-7
+    if W >= T:
+        assert torch.equal(got, causal_kernel.attention(q, k, v))
+
+
 def test_routing_kernel_only_where_it_applies():
-    """The attention function takes the kernel for bf16 without a mask (on AVX-512 BF16); with a padding
-    mask, in float32, with a sliding window or with the kernel switched off, transformers' SDPA."""
+    """The attention function takes the kernel for bf16 without a mask (on AVX-512 BF16), a sliding
+    window as the kernel's window; with a padding mask or in float32, transformers' SDPA. Gemma-3's
+    function takes it, window and all, on CPUs with AVX-512 BF16 but no AMX; elsewhere its banded SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
@@ -81,10 +108,18 @@ def test_routing_kernel_only_where_it_applies():
     assert torch.equal(got, want)
     mask = torch.ones(2, 1, 70, 70, dtype=torch.bool).tril()
     mask[1, ..., 60:] = False
-    for args, kwargs in [((q, k, v, mask), {}), ((q.float(), k.float(), v.float(), None), {}), ((q, k, v, None), {"sliding_window": 32})]:
+    for args, kwargs in [((q, k, v, mask), {}), ((q.float(), k.float(), v.float(), None), {})]:
         got, _ = attention.causal_attention(module, *args, scaling=0.125, **kwargs)
         want, _ = sdpa_attention_forward(module, *args, scaling=0.125, **kwargs)
         assert torch.equal(got, want)
+    got, _ = attention.causal_attention(module, q, k, v, None, scaling=0.125, sliding_window=32)
+    if NATIVE:
+        assert torch.equal(got, causal_kernel.attention(q, k, v, 0.125, window=32))
+    gemma = NATIVE and "amx_bf16" not in precision.cpu_bf16_flags()
+    assert attention.gemma_kernel() == ("amx_bf16" not in precision.cpu_bf16_flags())
+    got, _ = attention.sliding_blocks_attention(module, q, k, v, None, scaling=0.125, sliding_window=32)
+    want = causal_kernel.attention(q, k, v, 0.125, window=32) if gemma else attention.banded(q, k, v, 32, 0.125)
+    assert torch.equal(got, want)
 
 
 def test_switched_off_and_failed_build_fall_back_to_sdpa(monkeypatch, tmp_path):

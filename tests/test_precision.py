@@ -158,3 +158,80 @@ def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny
     assert precision.summary_line(c["precision"]) == (
         "bfloat16 -> body bfloat16, head bfloat16 weights, float32 output, log-sum-exp float32 (requested)"
     )
+
+
+
+def test_bf16_gemma3_attention_and_compiled_run(gemma3, tmp_path, monkeypatch):
+    """Gemma-3 in bf16. On a CPU with AVX-512 BF16 but no AMX its attention (sliding layers with
+    their 512-key window, global ones causal) is the harness's causal kernel
+    (``attention.gemma_kernel``): on the real model's queries, keys and values of every layer
+    (1,024 WikiText-2 tokens) its output is no further from float64 than SDPA's bf16 output
+    (measured: 1.66-1.76e-3 against 1.69-1.81e-3, relative). A compiled run (ahead of time,
+    windows longer than the window) traces the kernel into the packages where it runs and scores
+    within 2e-3 of the float32 run of the same config: bf16 Gemma-3 moves by up to ~0.14% either
+    way from slice to slice whatever its attention (this slice: +0.139% with the kernel, +0.060%
+    with SDPA; eager -0.023%), so the 0.1% bound is held on the bench's slices, not here."""
+    import zipfile
+
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from harness import attention, causal_kernel, compiled
+    from harness.config import validate
+    from harness.runner import run
+
+    from .conftest import GEMMA3, WIKITEXT
+
+    monkeypatch.setenv("PPL_CACHE_DIR", str(tmp_path / "cache"))
+    f32, tok = gemma3
+    bf16 = copy.deepcopy(f32).to(torch.bfloat16).eval()
+    kernel = causal_kernel.available() and attention.gemma_kernel()
+    assert kernel == ("avx512_bf16" in precision.cpu_bf16_flags() and "amx_bf16" not in precision.cpu_bf16_flags())
+    if kernel:
+        caught = []
+
+        def grab(module, q, k, v, mask, **kw):
+            caught.append((q, k, v, kw.get("scaling"), kw.get("sliding_window")))
+            return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+        AttentionInterface.register("test_grab", grab)
+        bf16.set_attn_implementation("test_grab")
+        import os
+
+        import pyarrow.parquet as pq
+
+        parquet = Path(os.environ["PPL_CORPUS_MIRROR"]) / "Salesforce/wikitext/wikitext-2-raw-v1/test.parquet"
+        ids = torch.tensor([tok("".join(pq.read_table(parquet).column("text").to_pylist()[:300])).input_ids[:1024]])
+        with torch.inference_mode():
+            bf16(input_ids=ids)
+            assert len(caught) == 18 and {c[4] for c in caught} == {512, None}
+            for q, k, v, scale, window in caught:
+                t, r = torch.arange(q.shape[2]), q.shape[1] // k.shape[1]
+                mask = (t[None] <= t[:, None]) & ((t[None] > t[:, None] - window) if window else True)
+                kk, vv = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+                ref = F.scaled_dot_product_attention(q.double(), kk.double(), vv.double(), attn_mask=mask, scale=scale).transpose(1, 2)
+                sdpa = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale).transpose(1, 2).double()
+                got = causal_kernel.attention(q, k, v, scale, window=window or 0).double()
+                assert (got - ref).norm() <= 1.02 * (sdpa - ref).norm()
+    attention.install(bf16)
+    config = {
+        "model": {**GEMMA3, "dtype": "bfloat16"},
+        "corpus": {**WIKITEXT, "max_tokens": 2048},
+        "eval": {"protocol": "sliding", "max_length": 1024, "stride": 512, "batch_size": 2, "bootstrap": 0},
+    }
+    ref = run(validate({**config, "model": GEMMA3, "eval": {**config["eval"], "compile": False}}), model=f32, tokenizer=tok,
+              write=False, progress=False)
+    try:
+        r = run(validate({**config, "eval": {**config["eval"], "compile": True}}), model=bf16, tokenizer=tok, write=False, progress=False)
+        assert r["precision"]["compile"]["how"].startswith("ahead of time")
+        assert r["precision"]["attention"] == ("sliding_blocks (the harness's bf16 CPU kernel)" if kernel else "sliding_blocks")
+        for path in compiled.package_paths(bf16).values():
+            with zipfile.ZipFile(path) as z:
+                code = "".join(z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith((".cpp", ".json")))
+            assert ("ppl_harness" in code) == kernel, path.name
+    finally:
+        compiled.enable(bf16, False)
+    assert r.scored_tokens == ref.scored_tokens == 2047
+    assert abs(r.perplexity / ref.perplexity - 1) <= 2e-3, (r.perplexity, ref.perplexity)
+    print(f"\nGemma-3 bf16 compiled vs float32: PPL {r.perplexity:.4f} vs {ref.perplexity:.4f} ({r.perplexity / ref.perplexity - 1:+.2e})")

@@ -15,8 +15,10 @@
 // actually multiplied by, so each row is a convex combination of V's rows: with the unrounded sum
 // (SDPA's way) a row whose probability sits on one key (an attention sink, p ~ 0.9) is scaled by
 // that key's rounding error, 2^-9 at most; SmolLM2's bf16 perplexity on a 4,096-token WikiText-2
-// slice came out 0.137% below float32 that way, 0.061% this way (tests/test_precision.py). Only key blocks a query block can see are computed; the causal mask is applied
-// inside the diagonal blocks only.
+// slice came out 0.137% below float32 that way, 0.061% this way (tests/test_precision.py). Only key
+// blocks a query block can see are computed; the causal mask is applied inside the diagonal blocks.
+// With a sliding window W > 0 (Gemma-3's local layers) query t sees keys t - W < s <= t: only the
+// key blocks that hold such keys are computed, and each row masks the keys its window leaves out of them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -90,16 +92,18 @@ void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, bf
 }
 
 // One query block's rows through one key block: scores in s (M x BK, float32) -> probabilities
-// in p (bf16), running max mx (log2 units) and sum l updated, the output rows o rescaled.
-inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool diag, float scale, int64_t D,
-                          const float* S, bf16* P, float* O, float* mx, float* l) {
+// in p (bf16), running max mx (log2 units) and sum l updated, the output rows o rescaled. Row t
+// sees the block's keys [lo, n): n from the causal mask, lo from the window (0 without one).
+inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool diag, int64_t window, float scale,
+                          int64_t D, const float* S, bf16* P, float* O, float* mx, float* l) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t rr = 0; rr < M; ++rr) {
     const int64_t t = first_row + rr % BQ;
     const float* s = S + rr * BK;
     bf16* p = P + rr * BK;
     const int64_t n = diag ? std::min<int64_t>(BK, t - first_key + 1) : BK;
-    if (n <= 0) {
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, t - window + 1 - first_key) : 0;
+    if (n <= lo) {
       std::memset(p, 0, BK * sizeof(bf16));
       continue;
     }
@@ -108,8 +112,8 @@ inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool 
     __m512 vmax = ninf;
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) {
-      const int64_t left = n - c * 16;
-      mk[c] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+      const int64_t hi_c = std::clamp<int64_t>(n - c * 16, 0, 16), lo_c = std::clamp<int64_t>(lo - c * 16, 0, 16);
+      mk[c] = (__mmask16)(((1u << hi_c) - 1) & ~((1u << lo_c) - 1));
       x[c] = _mm512_mask_loadu_ps(ninf, mk[c], s + c * 16);
       vmax = _mm512_max_ps(vmax, x[c]);
     }
@@ -137,7 +141,7 @@ inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool 
   }
 }
 
-Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale_d) {
+Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale_d, int64_t window) {
   TORCH_CHECK(q_in.device().is_cpu() && q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
               v_in.scalar_type() == at::kBFloat16, "causal_attention: bf16 CPU tensors");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "causal_attention: [B, H, T, D] tensors");
@@ -147,6 +151,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(2) == T && v.size(2) == T &&
               k.size(3) == D && v.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "causal_attention: shapes");
   TORCH_CHECK(D % 32 == 0 && D <= 256, "causal_attention: head_dim a multiple of 32, at most 256");
+  TORCH_CHECK(window >= 0, "causal_attention: window >= 0 (0: none)");
   const int64_t G = Hq / Hkv, M = G * BQ;
   const float scale = (float)(scale_d * 1.4426950408889634);  // scores in log2 units: exp(x) = 2^(x log2 e)
   Tensor out = at::empty({B, T, Hq, D}, q.options());
@@ -177,14 +182,15 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
       std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       const int64_t jn = std::min(T - 1, i * BQ + BQ - 1) / BK + 1;
-      for (int64_t j = 0; j < jn; ++j) {
+      const int64_t j0 = window > 0 ? std::max<int64_t>(0, i * BQ - window + 1) / BK : 0;  // the first block row i*BQ sees
+      for (int64_t j = j0; j < jn; ++j) {
         const bf16* kb = kpk + ((b * Hkv + g) * nk + j) * D * BK;
         const bf16* vb = vpk + ((b * Hkv + g) * nk + j) * BK * D;
         if (!amx) at::native::cpublas::brgemm(M, BK, D, D, BK, BK, false, Qs.data(), kb, S.data());
         else for (int64_t n0 = 0; n0 < BK; n0 += 64)
           at::native::cpublas::brgemm(M, 64, D, D, 64, BK, false, Qs.data(), kb + n0 * D, S.data() + n0);
         const bool diag = (j + 1) * BK - 1 > i * BQ;  // some key of the block lies after some query
-        softmax_block(M, i * BQ, j * BK, diag, scale, D, S.data(), P.data(), O.data(), mx.data(), l.data());
+        softmax_block(M, i * BQ, j * BK, diag, window, scale, D, S.data(), P.data(), O.data(), mx.data(), l.data());
         if (!amx) at::native::cpublas::brgemm(M, D, BK, BK, D, D, true, P.data(), vb, O.data());
         else for (int64_t n0 = 0; n0 < D; n0 += 64)
           at::native::cpublas::brgemm(M, std::min<int64_t>(64, D - n0), BK, BK, std::min<int64_t>(64, D - n0), D, true, P.data(),
@@ -206,7 +212,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
 }  // namespace
 
 TORCH_LIBRARY(ppl_harness, m) {
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ppl_harness, CPU, m) {

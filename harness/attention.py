@@ -32,8 +32,8 @@ import torch
 NAME = "sliding_blocks"
 FAMILIES = {"gemma3", "gemma3_text"}
 # Full causal attention through the harness's kernel where it applies (``causal_kernel.py``),
-# SDPA otherwise. Gemma-3 (``sliding_blocks``) takes the kernel, its sliding layers with their
-# window, only on CPUs without AMX (``gemma_kernel``).
+# SDPA otherwise. Gemma-3 (``sliding_blocks``) takes the kernel too, its sliding layers with
+# their window (``sliding_blocks_attention``).
 CAUSAL = "causal_kernel"
 CAUSAL_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
 # Query positions per block, as a fraction of the window: keys per block are block + window - 1,
@@ -46,26 +46,13 @@ def block_size(window: int) -> int:
     return max(1, window // BLOCK_DIVISOR)
 
 
-def gemma_kernel() -> bool:
-    """Gemma-3 takes the causal kernel (global layers causal, sliding layers with their window)
-    on CPUs without AMX (an AMD Zen 4: AVX-512 BF16 only), where SDPA ran its attention at under
-    a third of the bf16 GEMM peak, its sliding layers (``banded``) at a sixth: for a batch of 4 x
-    1,024 a sliding layer took 103 ms against the kernel's 24, a global one 73 against 32
-    (``benchmarks/attention_kernels.py --model gemma3 --window 512``).
-    On AMX Xeons SDPA stays: there the kernel made its global layers no faster (a whole run 863
-    -> 865 tok/s) and its lm-eval case came out 0.107% below float32 instead of 0.098%."""
-    from .precision import cpu_bf16_flags
-
-    return "amx_bf16" not in cpu_bf16_flags()
-
-
 def kernel_runs(model) -> bool:
     """The harness's causal kernel computes this model's attention (where it applies)."""
     from . import causal_kernel
 
     impl = getattr(model.config, "_attn_implementation", None)
     return (model.dtype == torch.bfloat16 and model.device.type == "cpu" and causal_kernel.available()
-            and (impl == CAUSAL or (impl == NAME and gemma_kernel())))
+            and impl in (CAUSAL, NAME))
 
 
 def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs):
@@ -74,7 +61,10 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
     ``query`` [B, heads, T, D], ``key``/``value`` [B, kv_heads, S, D]; returns ([B, T, heads, D], None).
     Without a mask (no padding: the compiled layers) the blocks run as one SDPA call
     (``banded``), which traces for any length; with transformers' mask, block by block. Where
-    ``gemma_kernel()`` and the causal kernel applies (bf16, no mask), the kernel, with the window.
+    the causal kernel applies (bf16 CPU tensors, no mask), the kernel, with the window: on an AMX
+    Xeon a sliding layer's attention (4 x 1,024) took 11.3 ms against banded SDPA's 21.8 and a
+    whole bf16 run was 1.05x faster; on an AMD Zen 4, 24 ms against 103 and 1.28x
+    (``benchmarks/attention_kernels.py --model gemma3 --window 512``; see the README).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -86,7 +76,7 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
     # not while compiling just in time: there the checks broke the graph, and the window, passed
     # on to the rest as an input, became symbolic (inductor failed on banded's block arithmetic)
     jit = tracing and not torch.compiler.is_exporting()
-    if (query.dtype == torch.bfloat16 and not jit and gemma_kernel()
+    if (query.dtype == torch.bfloat16 and not jit
             and causal_kernel.applies(query, key, value, attention_mask, **{**kwargs, "sliding_window": window})):
         return causal_kernel.attention(query, key, value, kwargs.get("scaling"), window=window or 0), None
     if window and attention_mask is None and (tracing or (q_len == kv_len and q_len > window)):

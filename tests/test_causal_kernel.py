@@ -97,7 +97,7 @@ def test_sliding_window_as_close_to_float64_as_sdpa(B, Hq, Hkv, T, D, W):
 def test_routing_kernel_only_where_it_applies():
     """The attention function takes the kernel for bf16 without a mask (on AVX-512 BF16), a sliding
     window as the kernel's window; with a padding mask or in float32, transformers' SDPA. Gemma-3's
-    function takes it, window and all, on CPUs with AVX-512 BF16 but no AMX; elsewhere its banded SDPA."""
+    function takes it too, window and all, where it applies; elsewhere its banded SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
@@ -115,11 +115,11 @@ def test_routing_kernel_only_where_it_applies():
     got, _ = attention.causal_attention(module, q, k, v, None, scaling=0.125, sliding_window=32)
     if NATIVE:
         assert torch.equal(got, causal_kernel.attention(q, k, v, 0.125, window=32))
-    gemma = NATIVE and "amx_bf16" not in precision.cpu_bf16_flags()
-    assert attention.gemma_kernel() == ("amx_bf16" not in precision.cpu_bf16_flags())
     got, _ = attention.sliding_blocks_attention(module, q, k, v, None, scaling=0.125, sliding_window=32)
-    want = causal_kernel.attention(q, k, v, 0.125, window=32) if gemma else attention.banded(q, k, v, 32, 0.125)
+    want = causal_kernel.attention(q, k, v, 0.125, window=32) if NATIVE else attention.banded(q, k, v, 32, 0.125)
     assert torch.equal(got, want)
+    got, _ = attention.sliding_blocks_attention(module, q.float(), k.float(), v.float(), None, scaling=0.125, sliding_window=32)
+    assert torch.equal(got, attention.banded(q.float(), k.float(), v.float(), 32, 0.125))
 
 
 def test_switched_off_and_failed_build_fall_back_to_sdpa(monkeypatch, tmp_path):

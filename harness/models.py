@@ -208,7 +208,7 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     if not cfg.device_map:
         model.to(device)
     model.eval()
-    if not cfg.attn_implementation:  # Gemma-3's sliding layers by key blocks; bf16 Llamas on AVX-512 BF16: the causal kernel
+    if not cfg.attn_implementation:  # Gemma-3's sliding layers by key blocks; in bf16 on AVX-512 BF16: the causal kernel
         attention.install(model)
     if cfg.quantize:
         quantize(model, cfg.quantize)

@@ -1,4 +1,4 @@
-// Causal self-attention for bf16 on x86 CPUs with AMX: ppl_harness::causal_attention.
+// Causal self-attention for bf16 on x86 CPUs with AVX-512 BF16 (AMX or not): ppl_harness::causal_attention.
 //
 // q [B, Hq, T, D], k and v [B, Hkv, T, D] (any strides, the last dimension contiguous; Hq a
 // multiple of Hkv: grouped-query attention), scale -> out [B, T, Hq, D] bf16, contiguous: the
@@ -7,9 +7,10 @@
 // Flash attention over blocks of 128 query positions and 128 keys. A task is one (batch row, key
 // head, query block); the Hq / Hkv query heads that share the key head are stacked into one
 // matrix of G x 128 rows, so each product is a larger matmul. Products run through torch's
-// batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX micro-kernels) on keys and values
-// packed once per call (VNNI layout); scores are float32, the online softmax is float32 with
-// exponentials by exp2_fast below, the probabilities are rounded to bf16 for the product with V
+// batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX micro-kernels, or its AVX-512 BF16
+// ones where there is no AMX) on keys and values packed once per call (VNNI layout); scores are
+// float32, the online softmax is float32 with exponentials by exp2_fast below, the probabilities
+// are rounded to bf16 for the product with V
 // (as SDPA's CPU flash kernel rounds them), the output is accumulated in float32 and rounded to
 // bf16 once. The output is divided by the sum of the rounded probabilities, the weights V was
 // actually multiplied by, so each row is a convex combination of V's rows: with the unrounded sum

@@ -73,10 +73,7 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     q_len, kv_len = query.shape[2], key.shape[2]
     tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    # not while compiling just in time: there the checks broke the graph, and the window, passed
-    # on to the rest as an input, became symbolic (inductor failed on banded's block arithmetic)
-    jit = tracing and not torch.compiler.is_exporting()
-    if (query.dtype == torch.bfloat16 and not jit
+    if (query.dtype == torch.bfloat16
             and causal_kernel.applies(query, key, value, attention_mask, **{**kwargs, "sliding_window": window})):
         return causal_kernel.attention(query, key, value, kwargs.get("scaling"), window=window or 0), None
     if window and attention_mask is None and (tracing or (q_len == kv_len and q_len > window)):

@@ -85,6 +85,13 @@ def _load() -> None:
         _FAKE.append(_)
 
 
+@torch.compiler.assume_constant_result
+def _ready() -> bool:
+    """``available()``, a constant to dynamo: its cache cannot be traced, and calling it in a
+    compiled attention function broke the graph there."""
+    return available()
+
+
 def applies(query, key, value, attention_mask, **kwargs) -> bool:
     """The kernel computes this call of a transformers attention function exactly as SDPA's
     causal path would (up to rounding): bf16 CPU tensors, self-attention without a mask or cache
@@ -93,14 +100,14 @@ def applies(query, key, value, attention_mask, **kwargs) -> bool:
         attention_mask is None and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
         and query.shape[2] == key.shape[2] and query.shape[3] % 32 == 0 and query.shape[3] <= 256
         and query.shape[1] % key.shape[1] == 0 and not kwargs.get("dropout")
-        and not kwargs.get("softcap") and kwargs.get("s_aux") is None and available()
+        and not kwargs.get("softcap") and kwargs.get("s_aux") is None and _ready()
     )
 
 
 def attention(query, key, value, scaling: float | None = None, window: int = 0) -> torch.Tensor:
     """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys and values: [B, T, Hq, D];
     with ``window`` > 0 query t sees keys t - window < s <= t only (transformers' sliding window)."""
-    if not available():
+    if not _ready():
         raise RuntimeError("the causal attention kernel is not available here (causal_kernel.available())")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return torch.ops.ppl_harness.causal_attention(query, key, value, float(scale), int(window))

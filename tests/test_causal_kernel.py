@@ -122,6 +122,24 @@ def test_routing_kernel_only_where_it_applies():
     assert torch.equal(got, attention.banded(q.float(), k.float(), v.float(), 32, 0.125))
 
 
+@pytest.mark.skipif(not NATIVE, reason="the kernel runs on CPUs with AVX-512 BF16 only; SDPA elsewhere")
+def test_attention_functions_compile_in_one_graph():
+    """Compiled just in time, both attention functions (Llama-style causal; Gemma-3's, with its
+    sliding window) trace the kernel's op in one graph: no graph break (the kernel's availability
+    is a constant to dynamo) and the same output as eager."""
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = _qkv(2, 4, 2, 300, 64)
+    for fn, kw in [(attention.causal_attention, {}), (attention.sliding_blocks_attention, {"sliding_window": 128})]:
+        def call(q, k, v, fn=fn, kw=kw):
+            return fn(module, q, k, v, None, scaling=0.125, **kw)[0]
+
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(call)(q, k, v)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        assert torch.equal(torch.compile(call, fullgraph=True)(q, k, v), call(q, k, v))
+
+
 def test_switched_off_and_failed_build_fall_back_to_sdpa(monkeypatch, tmp_path):
     """``PPL_ATTENTION_KERNEL=off`` leaves SDPA in place; a kernel that does not build warns once,
     in one line that says so, and leaves SDPA in place."""

@@ -100,13 +100,15 @@ def main() -> None:
     if args.window:
         from harness import attention
 
+        from benchmarks.flops import causal_pairs
+
         W = args.window
-        pairs = sum(min(t + 1, W) for t in range(T))
+        flops = 4 * heads * dim * causal_pairs(T, W) * B
         windowed[f"banded SDPA, window {W} (the harness's sliding layers)"] = (
-            lambda: attention.banded(q, k, v, W).transpose(1, 2), 4 * heads * dim * pairs * B)
+            lambda: attention.banded(q, k, v, W).transpose(1, 2), flops)
         if causal_kernel.available():
             windowed[f"the harness's causal kernel, window {W}"] = (
-                lambda: causal_kernel.attention(q, k, v, window=W).transpose(1, 2), 4 * heads * dim * pairs * B)
+                lambda: causal_kernel.attention(q, k, v, window=W).transpose(1, 2), flops)
         cases.update(windowed)
     if not args.no_flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -73,8 +73,7 @@ def sliding_blocks_attention(module, query, key, value, attention_mask, **kwargs
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     q_len, kv_len = query.shape[2], key.shape[2]
     tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if (query.dtype == torch.bfloat16
-            and causal_kernel.applies(query, key, value, attention_mask, **{**kwargs, "sliding_window": window})):
+    if causal_kernel.applies(query, key, value, attention_mask, **{**kwargs, "sliding_window": window}):
         return causal_kernel.attention(query, key, value, kwargs.get("scaling"), window=window or 0), None
     if window and attention_mask is None and (tracing or (q_len == kv_len and q_len > window)):
         return banded(query, key, value, window, kwargs.get("scaling")), None

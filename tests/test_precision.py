@@ -160,7 +160,6 @@ def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny
     )
 
 
-
 def test_bf16_gemma3_attention_and_compiled_run(gemma3, tmp_path, monkeypatch):
     """Gemma-3 in bf16. On a CPU with AVX-512 BF16 its attention (sliding layers with their
     512-key window, global ones causal) is the harness's causal kernel: on the real model's

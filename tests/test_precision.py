@@ -89,8 +89,11 @@ def smollm2_bf16(smollm2):
 def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
     """The fast number is the same number: bf16 body with the float32-output head against the
     float32 run of the same config on a WikiText-2 slice, through the KL machinery (both models
-    over the same windows): |ΔPPL| / PPL <= 0.1% and mean KL <= 2e-3. The slice is the one of
-    configs/smollm2-compare-slice.yaml (first 4,096 tokens, L=512, S=256, batch 4)."""
+    over the same windows): |ΔPPL| / PPL <= 0.1% and mean KL <= 2e-3. The slice: the first 16,384
+    tokens, L=512, S=256, batch 4 (configs/smollm2-compare-slice.yaml's settings on 4x its tokens).
+    On its first 4,096 tokens bf16 rounding noise alone spans ~0.14%: attention kernels equally
+    close to float64 (SDPA's and four ways of the harness's) gave -0.137% to +0.002% there, and
+    -0.034% to +0.027% on this slice (benchmarks/README.md, the causal kernel)."""
     from harness.config import validate
     from harness.runner import run
 
@@ -101,12 +104,12 @@ def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
     config = {
         "model": {**SMOLLM2, "dtype": "bfloat16"},
         "baseline_model": SMOLLM2,
-        "corpus": {**WIKITEXT, "max_tokens": 4096},
+        "corpus": {**WIKITEXT, "max_tokens": 16384},
         "eval": {"protocol": "sliding", "max_length": 512, "stride": 256, "batch_size": 4, "bootstrap": 0},
     }
     r = run(validate(config), model=bf16, tokenizer=tok, baseline_model=f32, write=False, progress=False)
     kl = r["kl"]
-    assert kl["tokens"] == r.scored_tokens == 4095
+    assert kl["tokens"] == r.scored_tokens == 16383
     assert abs(kl["ppl_model"] / kl["ppl_base"] - 1) <= 1e-3, kl
     assert kl["mean"] <= 2e-3, kl
     assert math.isclose(r.perplexity, kl["ppl_model"], rel_tol=1e-6)

@@ -15,8 +15,8 @@
 // bf16 once. The output is divided by the sum of the rounded probabilities, the weights V was
 // actually multiplied by, so each row is a convex combination of V's rows: with the unrounded sum
 // (SDPA's way) a row whose probability sits on one key (an attention sink, p ~ 0.9) is scaled by
-// that key's rounding error, 2^-9 at most; SmolLM2's bf16 perplexity on a 4,096-token WikiText-2
-// slice came out 0.137% below float32 that way, 0.061% this way (tests/test_precision.py). Only key
+// that key's rounding error, 2^-9 at most (SmolLM2's bf16 perplexity on a 4,096-token WikiText-2
+// slice came out 0.137% below float32 that way, 0.061% this way; benchmarks/README.md). Only key
 // blocks a query block can see are computed; the causal mask is applied inside the diagonal blocks.
 // With a sliding window W > 0 (Gemma-3's local layers) query t sees keys t - W < s <= t: only the
 // key blocks that hold such keys are computed, and each row masks the keys its window leaves out of them.
@@ -95,9 +95,12 @@ void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, bf
 // One query block's rows through one key block: scores in s (M x BK, float32) -> probabilities
 // in p (bf16), running max mx (log2 units) and sum l updated, the output rows o rescaled. Row t
 // sees the block's keys [lo, n): n from the causal mask, lo from the window (0 without one).
+// The sum is kept as 16 partial sums per row (l: M x 16), added up once at the end; the rounded
+// probabilities are summed by a bf16 dot product with ones (exact products, float32 sums).
 inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool diag, int64_t window, float scale,
                           int64_t D, const float* S, bf16* P, float* O, float* mx, float* l) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
   for (int64_t rr = 0; rr < M; ++rr) {
     const int64_t t = first_row + rr % BQ;
     const float* s = S + rr * BK;
@@ -108,35 +111,50 @@ inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool 
       std::memset(p, 0, BK * sizeof(bf16));
       continue;
     }
+    const bool whole = n == BK && lo == 0;  // no key of the block masked for this row
     __m512 x[NV];
     __mmask16 mk[NV];
     __m512 vmax = ninf;
 #pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) {
-      const int64_t hi_c = std::clamp<int64_t>(n - c * 16, 0, 16), lo_c = std::clamp<int64_t>(lo - c * 16, 0, 16);
-      mk[c] = (__mmask16)(((1u << hi_c) - 1) & ~((1u << lo_c) - 1));
-      x[c] = _mm512_mask_loadu_ps(ninf, mk[c], s + c * 16);
+      if (whole) {
+        mk[c] = 0xffff;
+        x[c] = _mm512_loadu_ps(s + c * 16);
+      } else {
+        const int64_t hi_c = std::clamp<int64_t>(n - c * 16, 0, 16), lo_c = std::clamp<int64_t>(lo - c * 16, 0, 16);
+        mk[c] = (__mmask16)(((1u << hi_c) - 1) & ~((1u << lo_c) - 1));
+        x[c] = _mm512_mask_loadu_ps(ninf, mk[c], s + c * 16);
+      }
       vmax = _mm512_max_ps(vmax, x[c]);
     }
     const float mold = mx[rr], mnew = std::max(mold, _mm512_reduce_max_ps(vmax) * scale);
     const __m512 vs = _mm512_set1_ps(scale), vneg = _mm512_set1_ps(-mnew);
     __m512 acc = _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) {
-      const __m512 e = _mm512_maskz_mov_ps(mk[c], exp2_fast(_mm512_fmadd_ps(x[c], vs, vneg)));
-      const __m256bh rounded = _mm512_cvtneps_pbh(e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c * 16), (__m256i)rounded);
-      acc = _mm512_add_ps(acc, _mm512_cvtpbh_ps(rounded));  // the sum of the weights V is multiplied by
+    const int c0 = (int)(lo / 32) * 2, c1 = (int)((n + 31) / 32) * 2;  // pairs of vectors outside [c0, c1) are all masked
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; c += 2) {
+      if (c < c0 || c >= c1) {
+        _mm512_storeu_si512(p + c * 16, _mm512_setzero_si512());
+        continue;
+      }
+      __m512 e0 = exp2_fast(_mm512_fmadd_ps(x[c], vs, vneg)), e1 = exp2_fast(_mm512_fmadd_ps(x[c + 1], vs, vneg));
+      if (!whole) {
+        e0 = _mm512_maskz_mov_ps(mk[c], e0);
+        e1 = _mm512_maskz_mov_ps(mk[c + 1], e1);
+      }
+      const __m512bh rounded = _mm512_cvtne2ps_pbh(e1, e0);  // e0 in the low half: keys c*16 .. c*16+31 in order
+      _mm512_storeu_si512(p + c * 16, (__m512i)rounded);
+      acc = _mm512_dpbf16_ps(acc, rounded, ones);  // the sum of the weights V is multiplied by
     }
-    const float sum = _mm512_reduce_add_ps(acc);
+    float* lr = l + rr * 16;
     if (mnew != mold) {
-      const float alpha = std::exp2(mold - mnew);  // 0 on the first block (mold = -inf)
-      l[rr] = l[rr] * alpha + sum;
+      // 2^-100 on the first block (mold = -inf), where l and o are still 0
+      const __m512 va = exp2_fast(_mm512_set1_ps(mold - mnew));
+      _mm512_storeu_ps(lr, _mm512_fmadd_ps(_mm512_loadu_ps(lr), va, acc));
       float* o = O + rr * D;
-      const __m512 va = _mm512_set1_ps(alpha);
       for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), va));
     } else {
-      l[rr] += sum;
+      _mm512_storeu_ps(lr, _mm512_add_ps(_mm512_loadu_ps(lr), acc));
     }
     mx[rr] = mnew;
   }
@@ -166,7 +184,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   bf16* op = out.data_ptr<bf16>();
   at::parallel_for(0, B * Hkv * nq, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> Qs(M * D), P(M * BK);
-    std::vector<float> S(M * BK), O(M * D), mx(M), l(M);
+    std::vector<float> S(M * BK), O(M * D), mx(M), l(M * 16);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (Hkv * nq), g = (idx / nq) % Hkv, r = idx % nq;
       // query blocks taken from both ends in turn, so that a thread's run of tasks is balanced
@@ -200,7 +218,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
       for (int64_t h = 0; h < G; ++h)
         for (int64_t rr = 0; rr < BQ && i * BQ + rr < T; ++rr) {
           const int64_t row = h * BQ + rr;
-          const __m512 inv = _mm512_set1_ps(1.f / l[row]);
+          const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(_mm512_loadu_ps(l.data() + row * 16)));
           bf16* dst = op + ((b * T + i * BQ + rr) * Hq + g * G + h) * D;
           for (int64_t d = 0; d < D; d += 16) store_bf16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + row * D + d), inv));
         }

@@ -6,12 +6,11 @@ here computes the same attention (float32 scores and softmax, bf16 probabilities
 float32 sums; see the source) with the query heads of a key head stacked into one matmul, blocks
 of 128 x 128, and a polynomial exponential; ``benchmarks/attention_kernels.py`` measures both.
 
-It is C++, built on first use into the harness's cache with torch's extension builder (a few
-seconds; a C++ compiler and ninja needed) and loaded as the op ``ppl_harness::causal_attention``,
-with a fake kernel so that ``torch.export`` traces it into the compiled layer packages. It is
-taken only where it was measured: a CPU with AVX-512 BF16 (an AMX Xeon, whose products run on AMX
-tiles; an AMD Zen 4, whose products run on AVX-512 BF16 dot products, where SDPA's flash kernel
-was no faster in bf16 than in float32), bf16 tensors, no mask
+It is C++, built on first use into the harness's cache (``cpu_kernels.py``) and loaded as the op
+``ppl_harness::causal_attention``, with a fake kernel so that ``torch.export`` traces it into the
+compiled layer packages. It is taken only where it was measured: a CPU with AVX-512 BF16 (an
+AMX Xeon, whose products run on AMX tiles; an AMD Zen 4, whose products run on AVX-512 BF16 dot
+products, where SDPA's flash kernel was no faster in bf16 than in float32), bf16 tensors, no mask
 (unpadded or end-padded batches), head_dim a multiple of 32 up to 256. Elsewhere, or where the
 build fails (one warning line), attention stays SDPA's.
 """
@@ -19,36 +18,26 @@ build fails (one warning line), attention stays SDPA's.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "causal_attention.cpp"
+from . import cpu_kernels
+
+SOURCE = cpu_kernels.KERNELS / "causal_attention.cpp"
 _FAKE: list = []  # the op's fake kernel, once registered
-# what the kernel is compiled for: the AVX-512 subsets it uses (a CPU with AVX-512 BF16 has them all)
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
-
-
-def _cpu_ok() -> bool:
-    from .precision import cpu_bf16_flags
-
-    return sys.platform.startswith("linux") and "avx512_bf16" in cpu_bf16_flags()
 
 
 def fingerprint() -> str:
     """The kernel's source and build, as a short digest (keys the build and the compiled packages)."""
-    text = SOURCE.read_bytes() + " ".join([*CFLAGS, torch.__version__]).encode()
-    return hashlib.sha256(text).hexdigest()[:16]
+    return cpu_kernels.fingerprint(SOURCE)
 
 
 @functools.cache
 def available() -> bool:
     """The kernel is built (or found built), loaded and usable on this machine."""
-    if os.environ.get("PPL_ATTENTION_KERNEL", "").lower() in ("0", "off", "false", "no") or not _cpu_ok():
+    if os.environ.get("PPL_ATTENTION_KERNEL", "").lower() in ("0", "off", "false", "no") or not cpu_kernels.cpu_ok():
         return False
     try:
         _load()
@@ -62,18 +51,7 @@ def available() -> bool:
 
 
 def _load() -> None:
-    from torch.utils.cpp_extension import load
-
-    from .files import cache_root
-
-    bindir = os.path.dirname(sys.executable)  # the venv's bin, where pip's ninja lives
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    digest = fingerprint()
-    build = cache_root() / "kernels" / f"causal-{digest}"
-    build.mkdir(parents=True, exist_ok=True)
-    load(name=f"ppl_causal_{digest}", sources=[str(SOURCE)], build_directory=str(build),
-         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    cpu_kernels.build(SOURCE, "causal")
 
     if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)
 

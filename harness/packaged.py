@@ -137,19 +137,20 @@ def package_paths(model) -> dict[str, Path]:
     AMX), and a package built on the one may carry instructions the other does not have."""
     import transformers
 
-    from . import attention, causal_kernel, precision
+    from . import activation, attention, causal_kernel, precision
 
     layers = decoder_layers(model)
     impl = getattr(model.config, "_attn_implementation", None)
     # the harness's causal kernel is traced into the package where it runs (a call of its op)
     kernel = causal_kernel.fingerprint() if attention.kernel_runs(model) else None
+    mlp_kernel = activation.fingerprint() if activation.kernel_runs(model) else None
     dtype = next(layers.parameters()).dtype
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_SHAPE}
     kinds = variants(model)
     paths = {}
     for kind in kinds:
         key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
-               "attention": impl, "attention_kernel": kernel, "kind": kind, "inductor": INDUCTOR,
+               "attention": impl, "attention_kernel": kernel, "activation_kernel": mlp_kernel, "kind": kind, "inductor": INDUCTOR,
                "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
                "isa": [torch.backends.cpu.get_cpu_capability(), *precision.cpu_bf16_flags()], "tensors": _tensor_names(layers[0])}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

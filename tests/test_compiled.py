@@ -235,20 +235,22 @@ def test_compile_failure_falls_back_with_one_warning(tiny, tiny_corpus, own_cach
 
 
 def test_compiled_bf16_smollm2_calls_the_causal_kernel(smollm2, own_cache):
-    """bf16 SmolLM2 with its attention set as loading in bf16 sets it: on an AMX CPU the
-    package's layer calls the harness's causal kernel (the op is in the package's code), and the
-    compiled run equals the eager one, which runs the same kernel, within bf16 rounding. Elsewhere
-    (or with PPL_ATTENTION_KERNEL=off) the package holds SDPA and no call of the op."""
+    """bf16 SmolLM2 with its attention and MLPs set as loading in bf16 sets them: on a CPU with
+    AVX-512 BF16 the package's layer calls the harness's causal kernel and its SiLU x up kernel
+    (both ops are in the package's code), and the compiled run equals the eager one, which runs
+    the same kernels, within bf16 rounding. Elsewhere (or with PPL_ATTENTION_KERNEL=off /
+    PPL_ACTIVATION_KERNEL=off) the package holds SDPA and inductor's activation, no call of the ops."""
     import copy
     import zipfile
 
     import torch
 
-    from harness import attention, causal_kernel
+    from harness import activation, attention, causal_kernel
 
     f32, tok = smollm2
     model = copy.deepcopy(f32).to(torch.bfloat16).eval()
     attention.install(model)
+    assert activation.install(model) == (30 if activation.available() else 0)
     cfg = {
         "model": {"name_or_path": "unused", "device": "cpu", "dtype": "bfloat16"},
         "corpus": {**WIKITEXT, "max_tokens": 1100},
@@ -258,10 +260,12 @@ def test_compiled_bf16_smollm2_calls_the_causal_kernel(smollm2, own_cache):
     try:
         assert comp["precision"]["compile"]["how"].startswith("ahead of time")
         assert comp["precision"]["attention"] == eager["precision"]["attention"]
+        assert comp["precision"]["activation"] == eager["precision"]["activation"] == activation.describe(model)
         (path,) = compiled.package_paths(model).values()
         with zipfile.ZipFile(path) as z:
             code = "".join(z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith((".cpp", ".json")))
-        assert ("ppl_harness" in code) == causal_kernel.available()
+        assert ("causal_attention" in code) == causal_kernel.available()
+        assert ("silu_mul" in code) == activation.available()
         assert comp.scored_tokens == eager.scored_tokens == 1099
         print(f"\nbf16 compiled vs eager: {comp.perplexity:.6f} vs {eager.perplexity:.6f} ({comp.perplexity / eager.perplexity - 1:+.2e})")
         # bf16 rounds differently once inductor fuses the element-wise work: on this 1,099-token

@@ -1,0 +1,50 @@
+"""Building the harness's C++ kernels (``kernels/*.cpp``): bf16 ops for x86 CPUs with AVX-512 BF16.
+
+Each source is its own torch extension, built on first use into the harness's cache with torch's
+extension builder (a few seconds; a C++ compiler and ninja needed), keyed by a digest of its
+source, the flags and torch's version, and loaded as ops of the ``ppl_harness`` namespace:
+``causal_attention`` (``causal_kernel.py``) and ``silu_mul`` (``activation.py``). Those modules
+decide where their op is taken; this one only builds and loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+KERNELS = Path(__file__).resolve().parent / "kernels"
+# what the kernels are compiled for: the AVX-512 subsets they use (a CPU with AVX-512 BF16 has them all)
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+
+def cpu_ok() -> bool:
+    """Linux on a CPU with AVX-512 BF16: where the kernels were measured and run."""
+    from .precision import cpu_bf16_flags
+
+    return sys.platform.startswith("linux") and "avx512_bf16" in cpu_bf16_flags()
+
+
+def fingerprint(source: Path) -> str:
+    """A kernel's source and build, as a short digest (keys its build and the compiled packages)."""
+    text = Path(source).read_bytes() + " ".join([*CFLAGS, torch.__version__]).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def build(source: Path, stem: str) -> None:
+    """Build (or find built) and load the extension of ``source``; raises where it does not build."""
+    from torch.utils.cpp_extension import load
+
+    from .files import cache_root
+
+    bindir = os.path.dirname(sys.executable)  # the venv's bin, where pip's ninja lives
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    digest = fingerprint(source)
+    directory = cache_root() / "kernels" / f"{stem}-{digest}"
+    directory.mkdir(parents=True, exist_ok=True)
+    load(name=f"ppl_{stem}_{digest}", sources=[str(source)], build_directory=str(directory),
+         extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)

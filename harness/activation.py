@@ -69,6 +69,8 @@ def applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up as eager bf16 rounds it (bf16 CPU tensors of one shape)."""
+    if not _ready():
+        raise RuntimeError("the SiLU x up kernel is not available here (activation.available())")
     return torch.ops.ppl_harness.silu_mul(gate, up)
 
 

@@ -27,6 +27,8 @@ Llama-style families (``CAUSAL_FAMILIES``) where the machine runs the harness's 
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 NAME = "sliding_blocks"
@@ -92,6 +94,52 @@ def causal_attention(module, query, key, value, attention_mask, **kwargs):
     if getattr(module, "is_causal", True) and causal_kernel.applies(query, key, value, attention_mask, **kwargs):
         return causal_kernel.attention(query, key, value, kwargs.get("scaling"), window=kwargs.get("sliding_window") or 0), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# Attention modules whose forward is Llama's: where the kernel runs them, the queries and keys are
+# rotated inside it (``rotary_attention_forward``) instead of by a pass of their own before it.
+ROTARY_CLASSES = {"LlamaAttention"}
+
+
+def _rotary_in_kernel(module, hidden_states, args, kwargs) -> bool:
+    """This call of a Llama attention module can run with its rotary embedding inside the kernel:
+    the kernel's conditions (bf16 CPU, no mask, no cache, a head_dim it takes), position
+    embeddings given as bf16 [B or 1, T, head_dim] tables."""
+    from . import causal_kernel
+
+    pe = kwargs.get("position_embeddings")
+    if args or pe is None or module.training or hidden_states.dim() != 3 or any(
+            kwargs.get(k) is not None for k in ("attention_mask", "cache", "past_key_values")):
+        return False
+    (cos, sin), cfg, (batch, length) = pe, module.config, hidden_states.shape[:2]
+    return (hidden_states.device.type == "cpu" and hidden_states.dtype == cos.dtype == sin.dtype == torch.bfloat16
+            and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[0] in (1, batch) and cos.shape[1] == length
+            and cos.shape[2] == module.head_dim and module.head_dim % 32 == 0 and module.head_dim <= 256
+            and cfg.num_attention_heads % cfg.num_key_value_heads == 0 and getattr(cfg, "_attn_implementation", None) == CAUSAL
+            and not getattr(cfg, "sliding_window", None) and causal_kernel._ready())
+
+
+def rotary_attention_forward(self, hidden_states, *args, **kwargs):
+    """A Llama attention module's forward with its queries and keys rotated inside the causal
+    kernel where that applies (``_rotary_in_kernel``), the module's own forward otherwise. The
+    kernel rotates them as eager bf16 does, to the bit (``tests/test_causal_kernel.py``); on a
+    compiled bf16 SmolLM2 layer the separate rotary pass had cost ~1.5 ms of ~27."""
+    from . import causal_kernel
+
+    if not _rotary_in_kernel(self, hidden_states, args, kwargs):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    out = causal_kernel.attention(query, key, value, self.scaling, rotary=kwargs["position_embeddings"])
+    return self.o_proj(out.reshape(*input_shape, -1)), None
+
+
+def rotary_fused(model) -> bool:
+    """Some attention module of the model runs ``rotary_attention_forward``."""
+    return any(getattr(m.forward, "__func__", None) is rotary_attention_forward for m in model.modules())
 
 
 @torch.compiler.disable  # eval.compile just in time: a loop over blocks; traced, it made one graph per window length
@@ -176,6 +224,9 @@ def install(model) -> str | None:
             and model.dtype == torch.bfloat16 and model.device.type == "cpu" and causal_kernel.available()):
         register()
         model.set_attn_implementation(CAUSAL)
+        for m in model.modules():
+            if type(m).__name__ in ROTARY_CLASSES and all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+                m.forward = types.MethodType(rotary_attention_forward, m)
         return CAUSAL
     return None
 

@@ -56,7 +56,7 @@ def _load() -> None:
     if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)
 
         @torch.library.register_fake("ppl_harness::causal_attention")
-        def _(q, k, v, scale, window=0):
+        def _(q, k, v, scale, window=0, cos=None, sin=None):
             B, H, T, D = q.shape
             return q.new_empty(B, T, H, D)
 
@@ -82,10 +82,13 @@ def applies(query, key, value, attention_mask, **kwargs) -> bool:
     )
 
 
-def attention(query, key, value, scaling: float | None = None, window: int = 0) -> torch.Tensor:
+def attention(query, key, value, scaling: float | None = None, window: int = 0, rotary=None) -> torch.Tensor:
     """Causal attention of [B, Hq, T, D] queries over [B, Hkv, T, D] keys and values: [B, T, Hq, D];
-    with ``window`` > 0 query t sees keys t - window < s <= t only (transformers' sliding window)."""
+    with ``window`` > 0 query t sees keys t - window < s <= t only (transformers' sliding window).
+    ``rotary``: (cos, sin) bf16 [B or 1, T, D]: the queries and keys are rotated first, inside the
+    kernel, to the bit as transformers' ``apply_rotary_pos_emb`` rotates them in eager bf16."""
     if not _ready():
         raise RuntimeError("the causal attention kernel is not available here (causal_kernel.available())")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return torch.ops.ppl_harness.causal_attention(query, key, value, float(scale), int(window))
+    cos, sin = rotary if rotary is not None else (None, None)
+    return torch.ops.ppl_harness.causal_attention(query, key, value, float(scale), int(window), cos, sin)

@@ -94,6 +94,59 @@ def test_sliding_window_as_close_to_float64_as_sdpa(B, Hq, Hkv, T, D, W):
         assert torch.equal(got, causal_kernel.attention(q, k, v))
 
 
+ROTARY = [(2, 9, 3, 300, 64, 2, 0), (1, 4, 1, 260, 256, 1, 0), (2, 2, 2, 129, 32, 1, 0), (1, 3, 1, 256, 96, 1, 100)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,cos_rows,W", ROTARY, ids=[f"T{s[3]}-D{s[4]}-cos{s[5]}-W{s[6]}" for s in ROTARY])
+def test_rotary_inside_the_kernel_is_eagers_to_the_bit(B, Hq, Hkv, T, D, cos_rows, W):
+    """Queries and keys rotated inside the kernel (Llama's attention on the fast path) give the
+    kernel's output on queries and keys rotated by transformers' ``apply_rotary_pos_emb`` in eager
+    bf16, bit for bit: tables of one row and of one per batch row, strided queries, a window."""
+    if not NATIVE:
+        assert not causal_kernel.available()
+        return
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, v = _qkv(B, Hq, Hkv, T, D, seed=2)
+    angles = torch.randn(cos_rows, T, D // 2, generator=torch.Generator().manual_seed(3)) * 3
+    cos, sin = (f(torch.cat([angles, angles], -1)).bfloat16() for f in (torch.cos, torch.sin))
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    want = causal_kernel.attention(q_rot, k_rot, v, 0.2, window=W)
+    assert torch.equal(causal_kernel.attention(q, k, v, 0.2, window=W, rotary=(cos, sin)), want)
+
+
+def test_llama_attention_rotates_inside_the_kernel(monkeypatch):
+    """A tiny bf16 Llama, installed as loading installs it: its attention modules take the forward
+    that rotates inside the kernel (the kernel's calls with tables counted), and its hidden states
+    equal the module's own forward's bit for bit; with a padding mask the module's own forward
+    runs (the same hidden states either way)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 300, (2, 150))
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, 120:] = 0
+    attention.install(model)
+    assert attention.rotary_fused(model) == NATIVE
+    rotated = []
+    kernel = causal_kernel.attention
+    monkeypatch.setattr(causal_kernel, "attention", lambda *a, rotary=None, **kw: rotated.append(rotary is not None) or kernel(*a, rotary=rotary, **kw))
+    with torch.inference_mode():
+        got = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        assert rotated == [True, True] if NATIVE else not rotated
+        padded = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        assert rotated == ([True, True] if NATIVE else [])  # padded: the modules' own forwards, then SDPA for the mask
+        monkeypatch.undo()
+        for m in model.modules():
+            m.__dict__.pop("forward", None)  # the modules' own forwards (rotary, then the kernel or SDPA)
+        assert not attention.rotary_fused(model)
+        assert torch.equal(got, model.model(input_ids=ids, use_cache=False).last_hidden_state)
+        assert torch.equal(padded, model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state)
+
+
 def test_routing_kernel_only_where_it_applies():
     """The attention function takes the kernel for bf16 without a mask (on AVX-512 BF16), a sliding
     window as the kernel's window; with a padding mask or in float32, transformers' SDPA. Gemma-3's
@@ -181,10 +234,10 @@ def test_tiny_bf16_llama_through_transformers():
     with torch.inference_mode():
         ref = model.double().model(input_ids=ids).last_hidden_state
         model.to(torch.bfloat16)
-        sdpa = model.model(input_ids=ids).last_hidden_state.double()
+        sdpa = model.model(input_ids=ids, use_cache=False).last_hidden_state.double()
         installed = attention.install(model)
         assert installed == (attention.CAUSAL if NATIVE else None)
-        got = model.model(input_ids=ids).last_hidden_state.double()
+        got = model.model(input_ids=ids, use_cache=False).last_hidden_state.double()
     if NATIVE:
         assert not torch.equal(got, sdpa)  # the kernel ran
     err, err_sdpa = (got - ref).abs(), (sdpa - ref).abs()

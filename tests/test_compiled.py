@@ -250,6 +250,7 @@ def test_compiled_bf16_smollm2_calls_the_causal_kernel(smollm2, own_cache):
     f32, tok = smollm2
     model = copy.deepcopy(f32).to(torch.bfloat16).eval()
     attention.install(model)
+    assert attention.rotary_fused(model) == causal_kernel.available()  # queries and keys rotated inside the kernel
     assert activation.install(model) == (30 if activation.available() else 0)
     cfg = {
         "model": {"name_or_path": "unused", "device": "cpu", "dtype": "bfloat16"},

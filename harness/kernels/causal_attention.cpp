@@ -58,17 +58,52 @@ inline void store_bf16(bf16* dst, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
+inline __m512 load_bf16(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m512 round_bf16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+
+// The rotary position embedding of one row (D values; cos and sin of its position), as eager bf16
+// computes transformers' x * cos + rotate_half(x) * sin: each product rounded to bf16, then their
+// sum (rotate_half(x) = [-x2, x1] for the halves x1, x2). Products of bf16 values are exact in float32.
+inline void rotate_row(const bf16* x, const bf16* c, const bf16* s, int64_t D, bf16* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; d += 16) {
+    const __m512 x1 = load_bf16(x + d), x2 = load_bf16(x + h + d);
+    const __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, load_bf16(c + d))),
+                                    round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load_bf16(s + d))));
+    const __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load_bf16(c + h + d))),
+                                    round_bf16(_mm512_mul_ps(x1, load_bf16(s + h + d))));
+    store_bf16(out + d, lo);
+    store_bf16(out + h + d, hi);
+  }
+}
+
+// Rotary tables [B or 1, T, D] (cos, sin): the row of batch row b, position t.
+struct Rotary {
+  const bf16 *cos = nullptr, *sin = nullptr;
+  int64_t sb = 0, st = 0;
+  const bf16* c(int64_t b, int64_t t) const { return cos + b * sb + t * st; }
+  const bf16* s(int64_t b, int64_t t) const { return sin + b * sb + t * st; }
+};
+
 // Keys transposed and values, per (batch row, key head, key block), zero past T, packed for brgemm.
-void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, bf16* kp_out, bf16* vp_out) {
+// Keys rotated first where rot.cos is set.
+void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, const Rotary& rot, bf16* kp_out, bf16* vp_out) {
   const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
   const bf16 *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
   at::parallel_for(0, B * H * nk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> kt(D * BK), vb(BK * D);
+    std::vector<bf16> kt(D * BK), vb(BK * D), krot(D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (H * nk), g = (idx / nk) % H, j = idx % nk;
       for (int64_t r = 0; r < BK; ++r) {
         const int64_t t = j * BK + r;
         const bf16* kr = kp + b * k.stride(0) + g * k.stride(1) + t * k.stride(2);
+        if (rot.cos && t < T) {
+          rotate_row(kr, rot.c(b, t), rot.s(b, t), D, krot.data());
+          kr = krot.data();
+        }
         const bf16* vr = vp + b * v.stride(0) + g * v.stride(1) + t * v.stride(2);
         for (int64_t d = 0; d < D; ++d) kt[d * BK + r] = t < T ? kr[d] : bf16(0.f);
         if (t < T) std::memcpy(vb.data() + r * D, vr, D * sizeof(bf16));
@@ -160,17 +195,28 @@ inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool 
   }
 }
 
-Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale_d, int64_t window) {
+Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale_d, int64_t window,
+                        const std::optional<Tensor>& cos_in, const std::optional<Tensor>& sin_in) {
   TORCH_CHECK(q_in.device().is_cpu() && q_in.scalar_type() == at::kBFloat16 && k_in.scalar_type() == at::kBFloat16 &&
               v_in.scalar_type() == at::kBFloat16, "causal_attention: bf16 CPU tensors");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "causal_attention: [B, H, T, D] tensors");
-  auto last_contiguous = [](const Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
+  auto last_contiguous = [](const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); };
   const Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in);
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(2) == T && v.size(2) == T &&
               k.size(3) == D && v.size(3) == D && Hkv > 0 && Hq % Hkv == 0, "causal_attention: shapes");
   TORCH_CHECK(D % 32 == 0 && D <= 256, "causal_attention: head_dim a multiple of 32, at most 256");
   TORCH_CHECK(window >= 0, "causal_attention: window >= 0 (0: none)");
+  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), "causal_attention: cos and sin together");
+  Tensor cos, sin;
+  Rotary rot;
+  if (cos_in.has_value()) {  // [B or 1, T, D] bf16: q and k are rotated here, as transformers' apply_rotary_pos_emb
+    cos = last_contiguous(*cos_in), sin = last_contiguous(*sin_in);
+    TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.dim() == 3 && cos.sizes() == sin.sizes() &&
+                cos.stride(0) == sin.stride(0) && cos.stride(1) == sin.stride(1) && (cos.size(0) == B || cos.size(0) == 1) &&
+                cos.size(1) == T && cos.size(2) == D, "causal_attention: cos and sin bf16 [B or 1, T, head_dim] tables");
+    rot = Rotary{cos.data_ptr<bf16>(), sin.data_ptr<bf16>(), cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1)};
+  }
   const int64_t G = Hq / Hkv, M = G * BQ;
   const float scale = (float)(scale_d * 1.4426950408889634);  // scores in log2 units: exp(x) = 2^(x log2 e)
   Tensor out = at::empty({B, T, Hq, D}, q.options());
@@ -178,7 +224,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   const int64_t nk = (T + BK - 1) / BK, nq = (T + BQ - 1) / BQ;
   Tensor Kp = at::empty({B * Hkv * nk * D * BK}, q.options()), Vp = at::empty({B * Hkv * nk * BK * D}, q.options());
   const bool amx = at::native::cpublas::could_pack(at::kBFloat16);  // else AVX-512 BF16 micro-kernels
-  pack_keys_values(k, v, nk, amx, Kp.data_ptr<bf16>(), Vp.data_ptr<bf16>());
+  pack_keys_values(k, v, nk, amx, rot, Kp.data_ptr<bf16>(), Vp.data_ptr<bf16>());
   const bf16* qp = q.data_ptr<bf16>();
   const bf16 *kpk = Kp.data_ptr<bf16>(), *vpk = Vp.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
@@ -194,8 +240,13 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
         for (int64_t rr = 0; rr < BQ; ++rr) {
           const int64_t t = i * BQ + rr;
           bf16* dst = Qs.data() + (h * BQ + rr) * D;
-          if (t < T) std::memcpy(dst, qp + b * q.stride(0) + (g * G + h) * q.stride(1) + t * q.stride(2), D * sizeof(bf16));
-          else std::memset(dst, 0, D * sizeof(bf16));
+          if (t >= T) {
+            std::memset(dst, 0, D * sizeof(bf16));
+            continue;
+          }
+          const bf16* src = qp + b * q.stride(0) + (g * G + h) * q.stride(1) + t * q.stride(2);
+          if (rot.cos) rotate_row(src, rot.c(b, t), rot.s(b, t), D, dst);
+          else std::memcpy(dst, src, D * sizeof(bf16));
         }
       std::fill(O.begin(), O.end(), 0.f);
       std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
@@ -231,7 +282,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
 }  // namespace
 
 TORCH_LIBRARY(ppl_harness, m) {
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int window=0) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale, int window=0, Tensor? cos=None, Tensor? sin=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ppl_harness, CPU, m) {

@@ -23,6 +23,8 @@ is set).
 A second function, ``causal_kernel``, is installed the same way on bf16 CPU models of
 Llama-style families (``CAUSAL_FAMILIES``) where the machine runs the harness's causal kernel
 (``causal_kernel.py``: AVX-512 BF16); it takes the kernel for calls without a mask, SDPA for the rest.
+Llama's attention modules there also get ``rotary_attention_forward``: the kernel rotates their
+queries and keys itself (bit for bit as eager bf16 does), so no separate rotary pass runs.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -132,16 +133,73 @@ void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, co
 // sees the block's keys [lo, n): n from the causal mask, lo from the window (0 without one).
 // The sum is kept as 16 partial sums per row (l: M x 16), added up once at the end; the rounded
 // probabilities are summed by a bf16 dot product with ones (exact products, float32 sums).
+// Rows R and R + 1 of a block where no key is masked for either: the arithmetic of
+// softmax_block's unmasked rows, row for row the same, the two rows interleaved so that one
+// row's reductions overlap the other's work.
+inline void softmax_two_rows(int64_t R, float scale, int64_t D, const float* S, bf16* P, float* O, float* mx, float* l) {
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
+  const float *s0 = S + R * BK, *s1 = s0 + BK;
+  __m512 x0[NV], x1[NV];
+  __m512 m0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+#pragma GCC unroll 8
+  for (int c = 0; c < NV; ++c) {
+    x0[c] = _mm512_loadu_ps(s0 + c * 16);
+    x1[c] = _mm512_loadu_ps(s1 + c * 16);
+    m0 = _mm512_max_ps(m0, x0[c]);
+    m1 = _mm512_max_ps(m1, x1[c]);
+  }
+  const float old0 = mx[R], old1 = mx[R + 1];
+  const float new0 = std::max(old0, _mm512_reduce_max_ps(m0) * scale), new1 = std::max(old1, _mm512_reduce_max_ps(m1) * scale);
+  const __m512 vs = _mm512_set1_ps(scale), neg0 = _mm512_set1_ps(-new0), neg1 = _mm512_set1_ps(-new1);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int c = 0; c < NV; c += 2) {
+    const __m512bh r0 = _mm512_cvtne2ps_pbh(exp2_fast(_mm512_fmadd_ps(x0[c + 1], vs, neg0)), exp2_fast(_mm512_fmadd_ps(x0[c], vs, neg0)));
+    const __m512bh r1 = _mm512_cvtne2ps_pbh(exp2_fast(_mm512_fmadd_ps(x1[c + 1], vs, neg1)), exp2_fast(_mm512_fmadd_ps(x1[c], vs, neg1)));
+    _mm512_storeu_si512(P + R * BK + c * 16, (__m512i)r0);
+    _mm512_storeu_si512(P + (R + 1) * BK + c * 16, (__m512i)r1);
+    acc0 = _mm512_dpbf16_ps(acc0, r0, ones);
+    acc1 = _mm512_dpbf16_ps(acc1, r1, ones);
+  }
+  const float olds[2] = {old0, old1}, news[2] = {new0, new1};
+  const __m512 accs[2] = {acc0, acc1};
+  for (int h = 0; h < 2; ++h) {
+    float* lr = l + (R + h) * 16;
+    if (news[h] != olds[h]) {
+      const __m512 va = exp2_fast(_mm512_set1_ps(olds[h] - news[h]));
+      _mm512_storeu_ps(lr, _mm512_fmadd_ps(_mm512_loadu_ps(lr), va, accs[h]));
+      float* o = O + (R + h) * D;
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), va));
+    } else {
+      _mm512_storeu_ps(lr, _mm512_add_ps(_mm512_loadu_ps(lr), accs[h]));
+    }
+    mx[R + h] = news[h];
+  }
+}
+
 inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool diag, int64_t window, float scale,
                           int64_t D, const float* S, bf16* P, float* O, float* mx, float* l) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);  // bf16 1.0
-  for (int64_t rr = 0; rr < M; ++rr) {
+  if (!diag && window == 0) {  // every row sees every key of the block (M is even: G x 128 rows)
+    for (int64_t rr = 0; rr < M; rr += 2) softmax_two_rows(rr, scale, D, S, P, O, mx, l);
+    return;
+  }
+  // row rr sees the block's keys [lo, n)
+  auto seen = [&](int64_t rr) {
     const int64_t t = first_row + rr % BQ;
+    return std::pair<int64_t, int64_t>(window > 0 ? std::max<int64_t>(0, t - window + 1 - first_key) : 0,
+                                       diag ? std::min<int64_t>(BK, t - first_key + 1) : BK);
+  };
+  for (int64_t rr = 0; rr < M; ++rr) {
+    const auto [lo, n] = seen(rr);
+    if (n == BK && lo == 0 && rr + 1 < M && seen(rr + 1) == std::pair<int64_t, int64_t>(0, BK)) {
+      softmax_two_rows(rr, scale, D, S, P, O, mx, l);  // both rows see every key of the block
+      ++rr;
+      continue;
+    }
     const float* s = S + rr * BK;
     bf16* p = P + rr * BK;
-    const int64_t n = diag ? std::min<int64_t>(BK, t - first_key + 1) : BK;
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, t - window + 1 - first_key) : 0;
     if (n <= lo) {
       std::memset(p, 0, BK * sizeof(bf16));
       continue;

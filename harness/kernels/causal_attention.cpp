@@ -20,6 +20,9 @@
 // blocks a query block can see are computed; the causal mask is applied inside the diagonal blocks.
 // With a sliding window W > 0 (Gemma-3's local layers) query t sees keys t - W < s <= t: only the
 // key blocks that hold such keys are computed, and each row masks the keys its window leaves out of them.
+// With cos and sin tables ([B or 1, T, D] bf16), q and k are rotated here first (the rotary
+// position embedding, rounded as eager bf16 rounds transformers' apply_rotary_pos_emb): each
+// query row as it is copied into its block, each key row as it is packed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>

@@ -8,7 +8,7 @@
 // head, query block); the Hq / Hkv query heads that share the key head are stacked into one
 // matrix of G x 128 rows, so each product is a larger matmul. Products run through torch's
 // batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX micro-kernels, or its AVX-512 BF16
-// ones where there is no AMX) on keys and values packed once per call (VNNI layout); scores are
+// ones where there is no AMX) on keys and values the kernel lays out once per call (VNNI pairs); scores are
 // float32, the online softmax is float32 with exponentials by exp2_fast below, the probabilities
 // are rounded to bf16 for the product with V
 // (as SDPA's CPU flash kernel rounds them), the output is accumulated in float32 and rounded to
@@ -93,49 +93,54 @@ struct Rotary {
 };
 
 // Keys transposed and values, per (batch row, key head, key block), zero past T, packed for brgemm.
-// Keys rotated first where rot.cos is set.
-void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, bool amx, const Rotary& rot, bf16* kp_out, bf16* vp_out) {
-  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
+// Keys transposed and values, per (batch row, key head, key block), zero past T, laid out for
+// brgemm's B operand in VNNI pairs (element (k, n) of a K x N matrix at (k / 2) * 2N + 2n + k % 2,
+// the layout oneDNN's AMX and AVX-512 BF16 micro-kernels both read); keys rotated first where
+// rot.cos is set. K^T in pairs is the 32-bit transpose of the key rows (gathered 16 rows at a
+// time); V in pairs interleaves each two rows.
+void pack_keys_values(const Tensor& k, const Tensor& v, int64_t nk, const Rotary& rot, bf16* kp_out, bf16* vp_out) {
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3), half = D / 2;
   const bf16 *kp = k.data_ptr<bf16>(), *vp = v.data_ptr<bf16>();
+  alignas(64) int16_t lo_i[32], hi_i[32];
+  for (int i = 0; i < 32; ++i) {
+    lo_i[i] = (int16_t)(i / 2 + (i % 2) * 32);
+    hi_i[i] = (int16_t)(16 + i / 2 + (i % 2) * 32);
+  }
+  const __m512i lo_idx = _mm512_load_si512(lo_i), hi_idx = _mm512_load_si512(hi_i);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)half));
   at::parallel_for(0, B * H * nk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<bf16> kt(D * BK), vb(BK * D), krot(D);
+    std::vector<bf16> kb(BK * D);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / (H * nk), g = (idx / nk) % H, j = idx % nk;
-      for (int64_t r = 0; r < BK; ++r) {
+      for (int64_t r = 0; r < BK; ++r) {  // the block's key rows, rotated or copied
         const int64_t t = j * BK + r;
+        bf16* dst = kb.data() + r * D;
         const bf16* kr = kp + b * k.stride(0) + g * k.stride(1) + t * k.stride(2);
-        if (rot.cos && t < T) {
-          rotate_row(kr, rot.c(b, t), rot.s(b, t), D, krot.data());
-          kr = krot.data();
+        if (t >= T) std::memset(dst, 0, D * sizeof(bf16));
+        else if (rot.cos) rotate_row(kr, rot.c(b, t), rot.s(b, t), D, dst);
+        else std::memcpy(dst, kr, D * sizeof(bf16));
+      }
+      int32_t* kd = reinterpret_cast<int32_t*>(kp_out + idx * D * BK);
+      for (int64_t r0 = 0; r0 < BK; r0 += 16) {
+        const int32_t* base = reinterpret_cast<const int32_t*>(kb.data() + r0 * D);
+        for (int64_t dp = 0; dp < half; ++dp) _mm512_storeu_si512(kd + dp * BK + r0, _mm512_i32gather_epi32(rows, base + dp, 4));
+      }
+      bf16* vd = vp_out + idx * BK * D;
+      for (int64_t r = 0; r < BK; r += 2) {
+        const int64_t t = j * BK + r;
+        const bf16* v0 = vp + b * v.stride(0) + g * v.stride(1) + t * v.stride(2);
+        for (int64_t d = 0; d < D; d += 32) {
+          const __m512i a = t < T ? _mm512_loadu_si512(v0 + d) : _mm512_setzero_si512();
+          const __m512i c = t + 1 < T ? _mm512_loadu_si512(v0 + v.stride(2) + d) : _mm512_setzero_si512();
+          _mm512_storeu_si512(vd + r * D + 2 * d, _mm512_permutex2var_epi16(a, lo_idx, c));
+          _mm512_storeu_si512(vd + r * D + 2 * d + 32, _mm512_permutex2var_epi16(a, hi_idx, c));
         }
-        const bf16* vr = vp + b * v.stride(0) + g * v.stride(1) + t * v.stride(2);
-        for (int64_t d = 0; d < D; ++d) kt[d * BK + r] = t < T ? kr[d] : bf16(0.f);
-        if (t < T) std::memcpy(vb.data() + r * D, vr, D * sizeof(bf16));
-        else std::memset(vb.data() + r * D, 0, D * sizeof(bf16));
       }
-      bf16* kdst = kp_out + idx * D * BK;
-      bf16* vdst = vp_out + idx * BK * D;
-      if (!amx) {  // VNNI pairs by hand: element (k, n) of a K x N matrix at (k / 2) * 2N + 2n + k % 2
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t r = 0; r < BK; ++r) kdst[(d / 2) * 2 * BK + 2 * r + d % 2] = kt[d * BK + r];
-        for (int64_t r = 0; r < BK; ++r)
-          for (int64_t d = 0; d < D; ++d) vdst[(r / 2) * 2 * D + 2 * d + r % 2] = vb[r * D + d];
-        continue;
-      }
-      for (int64_t n0 = 0; n0 < BK; n0 += 64)  // packed 64 columns at a time (the packer's limit)
-        at::native::cpublas::pack(D, 64, BK, 64, at::kBFloat16, at::kBFloat16, kt.data() + n0, kdst + n0 * D);
-      for (int64_t n0 = 0; n0 < D; n0 += 64)
-        at::native::cpublas::pack(BK, std::min<int64_t>(64, D - n0), D, std::min<int64_t>(64, D - n0), at::kBFloat16, at::kBFloat16,
-                                  vb.data() + n0, vdst + n0 * BK);
     }
   });
 }
 
-// One query block's rows through one key block: scores in s (M x BK, float32) -> probabilities
-// in p (bf16), running max mx (log2 units) and sum l updated, the output rows o rescaled. Row t
-// sees the block's keys [lo, n): n from the causal mask, lo from the window (0 without one).
-// The sum is kept as 16 partial sums per row (l: M x 16), added up once at the end; the rounded
-// probabilities are summed by a bf16 dot product with ones (exact products, float32 sums).
 // Rows R and R + 1 of a block where no key is masked for either: the arithmetic of
 // softmax_block's unmasked rows, row for row the same, the two rows interleaved so that one
 // row's reductions overlap the other's work.
@@ -180,6 +185,11 @@ inline void softmax_two_rows(int64_t R, float scale, int64_t D, const float* S, 
   }
 }
 
+// One query block's rows through one key block: scores in s (M x BK, float32) -> probabilities
+// in p (bf16), running max mx (log2 units) and sum l updated, the output rows o rescaled. Row t
+// sees the block's keys [lo, n): n from the causal mask, lo from the window (0 without one).
+// The sum is kept as 16 partial sums per row (l: M x 16), added up once at the end; the rounded
+// probabilities are summed by a bf16 dot product with ones (exact products, float32 sums).
 inline void softmax_block(int64_t M, int64_t first_row, int64_t first_key, bool diag, int64_t window, float scale,
                           int64_t D, const float* S, bf16* P, float* O, float* mx, float* l) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -284,8 +294,7 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   if (T == 0 || B == 0) return out;
   const int64_t nk = (T + BK - 1) / BK, nq = (T + BQ - 1) / BQ;
   Tensor Kp = at::empty({B * Hkv * nk * D * BK}, q.options()), Vp = at::empty({B * Hkv * nk * BK * D}, q.options());
-  const bool amx = at::native::cpublas::could_pack(at::kBFloat16);  // else AVX-512 BF16 micro-kernels
-  pack_keys_values(k, v, nk, amx, rot, Kp.data_ptr<bf16>(), Vp.data_ptr<bf16>());
+  pack_keys_values(k, v, nk, rot, Kp.data_ptr<bf16>(), Vp.data_ptr<bf16>());
   const bf16* qp = q.data_ptr<bf16>();
   const bf16 *kpk = Kp.data_ptr<bf16>(), *vpk = Vp.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
@@ -317,15 +326,10 @@ Tensor causal_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
       for (int64_t j = j0; j < jn; ++j) {
         const bf16* kb = kpk + ((b * Hkv + g) * nk + j) * D * BK;
         const bf16* vb = vpk + ((b * Hkv + g) * nk + j) * BK * D;
-        if (!amx) at::native::cpublas::brgemm(M, BK, D, D, BK, BK, false, Qs.data(), kb, S.data());
-        else for (int64_t n0 = 0; n0 < BK; n0 += 64)
-          at::native::cpublas::brgemm(M, 64, D, D, 64, BK, false, Qs.data(), kb + n0 * D, S.data() + n0);
+        at::native::cpublas::brgemm(M, BK, D, D, BK, BK, false, Qs.data(), kb, S.data());
         const bool diag = (j + 1) * BK - 1 > i * BQ;  // some key of the block lies after some query
         softmax_block(M, i * BQ, j * BK, diag, window, scale, D, S.data(), P.data(), O.data(), mx.data(), l.data());
-        if (!amx) at::native::cpublas::brgemm(M, D, BK, BK, D, D, true, P.data(), vb, O.data());
-        else for (int64_t n0 = 0; n0 < D; n0 += 64)
-          at::native::cpublas::brgemm(M, std::min<int64_t>(64, D - n0), BK, BK, std::min<int64_t>(64, D - n0), D, true, P.data(),
-                                      vb + n0 * BK, O.data() + n0);
+        at::native::cpublas::brgemm(M, D, BK, BK, D, D, true, P.data(), vb, O.data());
       }
       for (int64_t h = 0; h < G; ++h)
         for (int64_t rr = 0; rr < BQ && i * BQ + rr < T; ++rr) {

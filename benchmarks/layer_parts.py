@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from harness import activation, attention
+    from harness import activation, attention, norm
     from harness.allocator import keep_freed_memory
     from harness.packaged import Packaged, _rotary, build_package, decoder_layers, package_paths, variants
 
@@ -46,6 +46,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(prepare("smollm2"), dtype=torch.bfloat16).eval()
     attention.install(model)  # as the harness's loading does (the causal kernel on AMX)
     activation.install(model)  # and SiLU x up through the harness's kernel
+    norm.install(model)  # and the RMSNorms
     build_package(model)
     package = Packaged(model, package_paths(model))
     (idx,) = variants(model).values()  # Llama-style: one kind of layer

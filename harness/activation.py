@@ -18,9 +18,7 @@ warning line) leave the model's own MLP.
 from __future__ import annotations
 
 import functools
-import os
 import types
-import warnings
 
 import torch
 
@@ -37,15 +35,9 @@ def fingerprint() -> str:
 @functools.cache
 def available() -> bool:
     """The kernel is built (or found built), loaded and usable on this machine."""
-    if os.environ.get("PPL_ACTIVATION_KERNEL", "").lower() in ("0", "off", "false", "no") or not cpu_kernels.cpu_ok():
+    if cpu_kernels.switched_off("PPL_ACTIVATION_KERNEL") or not cpu_kernels.cpu_ok():
         return False
-    try:
-        cpu_kernels.build(SOURCE, "silu_mul")
-    except Exception as err:  # no compiler, no ninja, a failed build: the model's own MLP, said once
-        from .files import cache_root, first_line
-
-        warnings.warn(f"activation: the SiLU x up kernel did not build ({first_line(err)}); using the model's own "
-                      f"(build log: {cache_root() / 'kernels'})", stacklevel=2)
+    if not cpu_kernels.try_build(SOURCE, "silu_mul", "activation: the SiLU x up kernel", "the model's own"):
         return False
     if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)
 

@@ -48,3 +48,24 @@ def build(source: Path, stem: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     load(name=f"ppl_{stem}_{digest}", sources=[str(source)], build_directory=str(directory),
          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+
+
+def switched_off(variable: str) -> bool:
+    """The user switched a kernel off (``PPL_..._KERNEL=off``, ``0``, ``false`` or ``no``)."""
+    return os.environ.get(variable, "").lower() in ("0", "off", "false", "no")
+
+
+def try_build(source: Path, stem: str, what: str, instead: str) -> bool:
+    """``build``, True where it worked; where it did not (no compiler, no ninja, a failed build),
+    one warning line that names ``what`` did not build and that ``instead`` runs, and False."""
+    try:
+        build(source, stem)
+    except Exception as err:  # noqa: BLE001 - the kernel is an optimisation: the caller falls back
+        import warnings
+
+        from .files import cache_root, first_line
+
+        warnings.warn(f"{what} did not build ({first_line(err)}); using {instead} (build log: {cache_root() / 'kernels'})",
+                      stacklevel=3)
+        return False
+    return True

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import activation, attention, files
+from . import activation, attention, files, norm
 from .config import ModelConfig
 from .errors import HarnessError
 
@@ -211,6 +211,7 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     if not cfg.attn_implementation:  # Gemma-3's sliding layers by key blocks; in bf16 on AVX-512 BF16: the causal kernel
         attention.install(model)
     activation.install(model)  # in bf16 on AVX-512 BF16: SiLU x up through the harness's kernel
+    norm.install(model)  # and RMSNorm (with the residual add before it) through another
     if cfg.quantize:
         quantize(model, cfg.quantize)
     return model

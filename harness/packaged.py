@@ -137,7 +137,7 @@ def package_paths(model) -> dict[str, Path]:
     AMX), and a package built on the one may carry instructions the other does not have."""
     import transformers
 
-    from . import activation, attention, causal_kernel, precision
+    from . import activation, attention, causal_kernel, norm, precision
 
     layers = decoder_layers(model)
     impl = getattr(model.config, "_attn_implementation", None)
@@ -150,7 +150,8 @@ def package_paths(model) -> dict[str, Path]:
     paths = {}
     for kind in kinds:
         key = {"format": FORMAT, "layer": f"{type(layers[0]).__module__}.{type(layers[0]).__qualname__}", "config": cfg,
-               "attention": impl, "attention_kernel": kernel, "rotary_in_kernel": attention.rotary_fused(model), "activation_kernel": mlp_kernel, "kind": kind, "inductor": INDUCTOR,
+               "attention": impl, "attention_kernel": kernel, "rotary_in_kernel": attention.rotary_fused(model), "activation_kernel": mlp_kernel,
+               "norm_kernel": norm.fingerprint() if norm.kernel_runs(model) else None, "kind": kind, "inductor": INDUCTOR,
                "dtype": str(dtype), "torch": torch.__version__, "transformers": transformers.__version__,
                "isa": [torch.backends.cpu.get_cpu_capability(), *precision.cpu_bf16_flags()], "tensors": _tensor_names(layers[0])}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from . import activation, allocator, attention, compiled, precision, protocols, record
+from . import activation, allocator, attention, compiled, norm, precision, protocols, record
 from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
@@ -105,7 +105,7 @@ def _precision(cfg: RunConfig, model, windows) -> dict:
     """The record's precision section, with what eval.compile decided for this run's plan."""
     planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
     return {**precision.describe(model, cfg.model.dtype, input_device(model)), "attention": attention.describe(model),
-            "activation": activation.describe(model),
+            "activation": activation.describe(model), "norm": norm.describe(model),
             "compile": compiled.enable(model, planned).as_dict()}
 
 

@@ -245,13 +245,14 @@ def test_compiled_bf16_smollm2_calls_the_causal_kernel(smollm2, own_cache):
 
     import torch
 
-    from harness import activation, attention, causal_kernel
+    from harness import activation, attention, causal_kernel, norm
 
     f32, tok = smollm2
     model = copy.deepcopy(f32).to(torch.bfloat16).eval()
     attention.install(model)
     assert attention.rotary_fused(model) == causal_kernel.available()  # queries and keys rotated inside the kernel
     assert activation.install(model) == (30 if activation.available() else 0)
+    assert norm.install(model) == (61 if norm.available() else 0)  # two per layer and the final one
     cfg = {
         "model": {"name_or_path": "unused", "device": "cpu", "dtype": "bfloat16"},
         "corpus": {**WIKITEXT, "max_tokens": 1100},
@@ -267,6 +268,7 @@ def test_compiled_bf16_smollm2_calls_the_causal_kernel(smollm2, own_cache):
             code = "".join(z.read(n).decode(errors="replace") for n in z.namelist() if n.endswith((".cpp", ".json")))
         assert ("causal_attention" in code) == causal_kernel.available()
         assert ("silu_mul" in code) == activation.available()
+        assert ("add_rms_norm" in code) == norm.available()
         assert comp.scored_tokens == eager.scored_tokens == 1099
         print(f"\nbf16 compiled vs eager: {comp.perplexity:.6f} vs {eager.perplexity:.6f} ({comp.perplexity / eager.perplexity - 1:+.2e})")
         # bf16 rounds differently once inductor fuses the element-wise work: on this 1,099-token

@@ -76,15 +76,16 @@ def test_bf16_head_gives_float32_logits(tiny_bf16, chunk):
 
 @pytest.fixture(scope="module")
 def smollm2_bf16(smollm2):
-    """The session's float32 SmolLM2, copied and rounded to bf16, its attention and MLPs set as
-    loading in bf16 sets them (``attention.install``, ``activation.install``: the harness's causal
-    and SiLU x up kernels on a CPU with AVX-512 BF16)."""
-    from harness import activation, attention
+    """The session's float32 SmolLM2, copied and rounded to bf16, its attention, MLPs and norms set
+    as loading in bf16 sets them (``attention.install``, ``activation.install``, ``norm.install``:
+    the harness's kernels on a CPU with AVX-512 BF16)."""
+    from harness import activation, attention, norm
 
     model, tok = smollm2
     bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
     attention.install(bf16)
     activation.install(bf16)
+    norm.install(bf16)
     return bf16, tok
 
 
@@ -124,6 +125,7 @@ def test_bf16_smollm2_is_the_float32_number(smollm2, smollm2_bf16):
     assert kernel == ("avx512_bf16" in precision.cpu_bf16_flags())
     assert r["precision"]["attention"] == ("causal_kernel (the harness's bf16 CPU kernel)" if kernel else "sdpa")
     assert r["precision"]["activation"] == ("silu_mul (the harness's bf16 CPU kernel)" if kernel else "the model's own")
+    assert r["precision"]["norm"] == ("rms_norm (the harness's bf16 CPU kernel)" if kernel else "the model's own")
     print(f"\nSmolLM2 bf16 vs float32: PPL {kl['ppl_model']:.4f} vs {kl['ppl_base']:.4f} "
           f"({kl['ppl_model'] / kl['ppl_base'] - 1:+.2e}), mean KL {kl['mean']:.2e}, top-1 {kl['top1_agreement']:.4f}")
 
@@ -148,12 +150,12 @@ def test_record_states_precision_and_hash_follows_batching(tiny, tiny_bf16, tiny
     a, b = go(f32, "float32", 1), go(f32, "float32", 3)
     assert a["precision"] == {"requested": "float32", "body": "float32", "head": "float32", "logsumexp": "float32",
                               "reason": "requested", "batch_invariant": True, "attention": "sdpa",
-                              "activation": "the model's own", "compile": {"on": False, "reason": a["precision"]["compile"]["reason"]}}
+                              "activation": "the model's own", "norm": "the model's own", "compile": {"on": False, "reason": a["precision"]["compile"]["reason"]}}
     assert a["config_hash"] == b["config_hash"]
     c, d = go(bf16, "bfloat16", 1), go(bf16, "bfloat16", 3)
     assert c["precision"] == {"requested": "bfloat16", "body": "bfloat16", "head": "bfloat16 weights, float32 output",
                               "logsumexp": "float32", "reason": "requested", "batch_invariant": False, "attention": "sdpa",
-                              "activation": "the model's own", "compile": {"on": False, "reason": c["precision"]["compile"]["reason"]}}
+                              "activation": "the model's own", "norm": "the model's own", "compile": {"on": False, "reason": c["precision"]["compile"]["reason"]}}
     assert c["config_hash"] != d["config_hash"]
     e, f = go(f32, "auto", 1), go(bf16, "auto", 1)
     assert e["config_hash"] != f["config_hash"]  # same config, different resolved body dtype

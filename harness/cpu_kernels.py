@@ -3,7 +3,8 @@
 Each source is its own torch extension, built on first use into the harness's cache with torch's
 extension builder (a few seconds; a C++ compiler and ninja needed), keyed by a digest of its
 source, the flags and torch's version, and loaded as ops of the ``ppl_harness`` namespace:
-``causal_attention`` (``causal_kernel.py``) and ``silu_mul`` (``activation.py``). Those modules
+``causal_attention`` (``causal_kernel.py``), ``silu_mul`` (``activation.py``), ``rms_norm`` and
+``add_rms_norm`` (``norm.py``), each library once per process. Those modules
 decide where their op is taken; this one only builds and loads.
 """
 
@@ -34,20 +35,32 @@ def fingerprint(source: Path) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
 
+# stem -> digest of the build loaded into this process. A library is loaded once: a second copy
+# (the same kernel built into another cache folder, after PPL_CACHE_DIR changed) would register
+# its ops again as it loads, and torch aborts the process for that.
+_LOADED: dict[str, str] = {}
+
+
 def build(source: Path, stem: str) -> None:
-    """Build (or find built) and load the extension of ``source``; raises where it does not build."""
+    """Build (or find built) and load the extension of ``source``, once per process; raises where
+    it does not build, or where another build of ``stem`` is already loaded."""
     from torch.utils.cpp_extension import load
 
     from .files import cache_root
 
+    digest = fingerprint(source)
+    if _LOADED.get(stem) == digest:
+        return
+    if stem in _LOADED:
+        raise RuntimeError(f"another build of the {stem} kernel is loaded in this process; start a new one to load {source}")
     bindir = os.path.dirname(sys.executable)  # the venv's bin, where pip's ninja lives
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    digest = fingerprint(source)
     directory = cache_root() / "kernels" / f"{stem}-{digest}"
     directory.mkdir(parents=True, exist_ok=True)
     load(name=f"ppl_{stem}_{digest}", sources=[str(source)], build_directory=str(directory),
          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    _LOADED[stem] = digest
 
 
 def switched_off(variable: str) -> bool:

@@ -175,11 +175,11 @@ def test_routing_kernel_only_where_it_applies():
     assert torch.equal(got, attention.banded(q.float(), k.float(), v.float(), 32, 0.125))
 
 
-@pytest.mark.skipif(not NATIVE, reason="the kernel runs on CPUs with AVX-512 BF16 only; SDPA elsewhere")
 def test_attention_functions_compile_in_one_graph():
     """Compiled just in time, both attention functions (Llama-style causal; Gemma-3's, with its
-    sliding window) trace the kernel's op in one graph: no graph break (the kernel's availability
-    is a constant to dynamo) and the same output as eager."""
+    sliding window) trace the kernel's op in one graph (SDPA's and the banded SDPA where the kernel
+    does not run): no graph break (the kernel's availability is a constant to dynamo) and the same
+    output as eager."""
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
     q, k, v = _qkv(2, 4, 2, 300, 64)

@@ -18,7 +18,6 @@ build fails (one warning line), attention stays SDPA's.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
@@ -37,7 +36,7 @@ def fingerprint() -> str:
 @functools.cache
 def available() -> bool:
     """The kernel is built (or found built), loaded and usable on this machine."""
-    if os.environ.get("PPL_ATTENTION_KERNEL", "").lower() in ("0", "off", "false", "no") or not cpu_kernels.cpu_ok():
+    if cpu_kernels.switched_off("PPL_ATTENTION_KERNEL") or not cpu_kernels.cpu_ok():
         return False
     try:
         _load()

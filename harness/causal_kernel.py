@@ -18,7 +18,6 @@ build fails (one warning line), attention stays SDPA's.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
@@ -35,23 +34,12 @@ def fingerprint() -> str:
 
 @functools.cache
 def available() -> bool:
-    """The kernel is built (or found built), loaded and usable on this machine."""
+    """The kernel is built (or found built), loaded and usable on this machine; where it does not
+    build (no compiler, no ninja, a failed build), SDPA, said once."""
     if cpu_kernels.switched_off("PPL_ATTENTION_KERNEL") or not cpu_kernels.cpu_ok():
         return False
-    try:
-        _load()
-    except Exception as err:  # no compiler, no ninja, a failed build: SDPA, said once
-        from .files import cache_root, first_line
-
-        warnings.warn(f"attention: the causal kernel did not build ({first_line(err)}); using SDPA "
-                      f"(build log: {cache_root() / 'kernels'})", stacklevel=2)
+    if not cpu_kernels.try_build(SOURCE, "causal", "attention: the causal kernel", "SDPA"):
         return False
-    return True
-
-
-def _load() -> None:
-    cpu_kernels.build(SOURCE, "causal")
-
     if not _FAKE:  # once per process (``available`` may be asked again after ``cache_clear``)
 
         @torch.library.register_fake("ppl_harness::causal_attention")
@@ -60,6 +48,7 @@ def _load() -> None:
             return q.new_empty(B, T, H, D)
 
         _FAKE.append(_)
+    return True
 
 
 @torch.compiler.assume_constant_result

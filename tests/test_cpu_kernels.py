@@ -56,16 +56,21 @@ def test_each_kernel_is_loaded_once_per_process(tmp_path):
     assert not (other / "kernels").exists()
 
 
+def _try_build_warnings(source, stem: str, what: str) -> list[str]:
+    """``try_build`` of ``source`` (which must not succeed): the warnings that name ``what``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not cpu_kernels.try_build(source, stem, what, "the fallback")
+    return [str(w.message) for w in caught if what in str(w.message)]
+
+
 def test_a_source_that_does_not_build_warns_in_one_line(tmp_path, monkeypatch):
     """A failed build (here: a source that is not C++) is one warning line naming what did not
     build, what runs instead and where the build log is; nothing is loaded."""
     monkeypatch.setenv("PPL_CACHE_DIR", str(tmp_path / "cache"))
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert not cpu_kernels.try_build(broken, "broken_test", "test: the broken kernel", "the fallback")
-    said = [str(w.message) for w in caught if "broken kernel" in str(w.message)]
+    said = _try_build_warnings(broken, "broken_test", "test: the broken kernel")
     assert len(said) == 1 and "\n" not in said[0], said
     assert "did not build" in said[0] and "using the fallback" in said[0] and str(tmp_path / "cache" / "kernels") in said[0]
     assert "broken_test" not in cpu_kernels._LOADED
@@ -78,9 +83,6 @@ def test_another_build_of_a_loaded_kernel_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PPL_CACHE_DIR", str(tmp_path / "cache"))
     source = tmp_path / "other.cpp"
     source.write_text("// another source\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert not cpu_kernels.try_build(source, "refused_test", "test: the refused kernel", "the fallback")
-    said = [str(w.message) for w in caught if "refused kernel" in str(w.message)]
+    said = _try_build_warnings(source, "refused_test", "test: the refused kernel")
     assert len(said) == 1 and "another build of the refused_test kernel is loaded" in said[0], said
     assert not (tmp_path / "cache" / "kernels").exists()

@@ -104,8 +104,10 @@ def compile_cmd(
     config: Path = typer.Argument(..., help="YAML config whose model (and dtype) to compile."),
     overrides: Optional[List[str]] = OVERRIDES,
 ):
-    """Compile the config's decoder layers ahead of time into the cache, so every later run of
-    that model compiles for free (eval.compile: auto uses a cached package at any length)."""
+    """Compile the config's decoder layers ahead of time into the cache.
+
+    Every later run of that model then compiles for free (eval.compile: auto uses a cached package at any length).
+    """
     import time
 
     from .config import load_config
@@ -187,9 +189,9 @@ def reproduce_cmd(
 ):
     """Re-run published perplexity figures; print expected, got, difference and status.
 
-    Entries whose model cannot be loaded here (e.g. a hub model not cached while offline) are
-    skipped with the reason; an entry whose run fails is marked error and the others still run.
-    Exits 1 when an entry that ran is out of tolerance or failed.
+    Entries whose model cannot be loaded here (e.g. a hub model not cached while offline) are skipped with the reason.
+
+    An entry whose run fails is marked error and the others still run. Exits 1 when an entry that ran is out of tolerance or failed.
     """
     from . import reproduce as R
 

@@ -156,3 +156,21 @@ def test_concurrent_runs_both_land_in_the_table(tmp_path, tiny, tiny_corpus):
     records = [json.loads((results / f"run{i}" / "result.json").read_text()) for i in range(2)]
     assert records[0]["sum_nll"] == pytest.approx(records[1]["sum_nll"], rel=1e-9)
     assert not list(results.glob("**/*.tmp"))
+
+
+def test_every_command_has_flowing_help():
+    """``ppl --help`` lists each command with its summary, and each command's own help reflows its
+    docstring: typer's rich mode keeps a docstring's single line breaks, which showed as a
+    paragraph broken mid-sentence in ``ppl compile --help``."""
+    from typer.main import get_command
+
+    from harness.cli import app
+
+    commands = get_command(app).commands
+    listing = cli("--help").stdout
+    for name, command in commands.items():
+        assert command.help and name in listing, name
+        for paragraph in command.help.strip().split("\n\n"):
+            assert "\n" not in paragraph.strip(), f"ppl {name}: a line break inside {paragraph!r}"
+        page = cli(name, "--help")
+        assert page.returncode == 0 and command.help.split("\n")[0].split()[0] in page.stdout, name

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import activation, attention, files, norm
+from . import activation, attention, files, gguf_reading, norm
 from .config import ModelConfig
 from .errors import HarnessError
 
@@ -123,11 +123,17 @@ def check_tokenizer_files(folder: str, key: str = "model.tokenizer") -> None:
             Tokenizer.from_file(str(path))
 
 
+@contextlib.contextmanager
 def _gguf_parse(src: ModelSource, key: str, parses: bool = True):
-    """transformers parses a GGUF file while loading: its failures (a file cut short) are the file's."""
+    """transformers parses a GGUF file while loading: its failures (a file cut short) are the
+    file's; and the tokenizer's, the config's and the weights' loads share one parse
+    (``gguf_reading``)."""
     if not (parses and src.gguf_file and Path(src.folder).is_dir()):
-        return contextlib.nullcontext()
-    return files.reading(Path(src.folder) / src.gguf_file, key, "GGUF model file", files.GGUF_FIX, files.GGUF_DAMAGED)
+        yield
+        return
+    with files.reading(Path(src.folder) / src.gguf_file, key, "GGUF model file", files.GGUF_FIX, files.GGUF_DAMAGED):
+        with gguf_reading.parsed_once():
+            yield
 
 
 def torch_dtype(name: str):
@@ -195,6 +201,7 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     try:
         with _gguf_parse(src, "model.gguf_file"):
             model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
+        gguf_reading.release()  # the weights are in: unmap the file
     except ValueError as err:
         if "offload_folder" not in str(err):
             raise

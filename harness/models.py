@@ -341,7 +341,8 @@ class ModelPool:
         if key not in self._loaded:
             while len(self._loaded) >= self.keep:
                 self._loaded.pop(next(iter(self._loaded)))  # free memory before the next load
-            self._loaded[key] = (load_model(cfg, device), load_tokenizer(cfg))
+            tokenizer = load_tokenizer(cfg)  # first: a GGUF file's parse then serves the model's load too
+            self._loaded[key] = (load_model(cfg, device), tokenizer)
         self._loaded[key] = self._loaded.pop(key)  # now the most recently used
         return self._loaded[key]
 

@@ -10,7 +10,7 @@ import torch
 
 from harness import gguf_reading
 from harness.config import ModelConfig
-from harness.models import load_model, load_tokenizer, prepare_packaged_model
+from harness.models import ModelPool, prepare_packaged_model
 
 from .conftest import SMOLLM2
 
@@ -46,17 +46,15 @@ def test_reader_reads_what_the_library_reads(smol_file, tmp_path):
 
 
 def test_a_load_parses_the_file_once_and_lets_it_go(smollm2, monkeypatch):
-    """Tokenizer, config and weights from one parse; the kept reader dropped once the weights are
-    in; the same weights as the session's model (whose tokenizer and weights were two parses)."""
+    """Tokenizer, config and weights from one parse (``ModelPool`` loads the tokenizer first, as
+    ``run`` does); the kept reader dropped once the weights are in; the same weights as the
+    session's model, loaded first from a parse of its own."""
     gguf_reading.release()  # the session fixture's tokenizer load (after its model) kept its reader
     parses = []
     original = gguf.GGUFReader._build_fields
     monkeypatch.setattr(gguf.GGUFReader, "_build_fields", lambda self, *a: parses.append(1) or original(self, *a))
     library_reader = gguf.GGUFReader
-    cfg = ModelConfig(**SMOLLM2)
-    tokenizer = load_tokenizer(cfg)
-    assert len(parses) == 1 and gguf_reading.kept() == 1 and gguf.GGUFReader is library_reader
-    model = load_model(cfg, device="cpu")
+    model, tokenizer = ModelPool().get(ModelConfig(**SMOLLM2), "cpu")  # tokenizer first, as a run loads them
     assert len(parses) == 1 and gguf_reading.kept() == 0 and gguf.GGUFReader is library_reader
     session_model, session_tokenizer = smollm2
     assert tokenizer("The tower is 324 metres tall.")["input_ids"] == session_tokenizer("The tower is 324 metres tall.")["input_ids"]

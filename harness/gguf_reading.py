@@ -54,7 +54,7 @@ def reader_class() -> type:
 
         def _get(self, offset, dtype, count=1, override_order=None):
             """The library's ``_get`` on a plain ``ndarray`` view of ``self.data``."""
-            if self._plain is None or self._plain.base is not self.data.base:
+            if self._plain is None or self._plain.base is not self.data:
                 self._plain = self.data.view(np.ndarray)
             count, dtype = int(count), np.dtype(dtype)
             arr = self._plain[offset : offset + dtype.itemsize * count].view(dtype)[:count]

@@ -201,7 +201,6 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     try:
         with _gguf_parse(src, "model.gguf_file"):
             model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
-        gguf_reading.release()  # the weights are in: unmap the file
     except ValueError as err:
         if "offload_folder" not in str(err):
             raise
@@ -212,6 +211,8 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
         raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
+    finally:
+        gguf_reading.release()  # the weights are in (or the load failed): unmap the file
     if not cfg.device_map:
         model.to(device)
     model.eval()

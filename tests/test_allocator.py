@@ -53,13 +53,15 @@ def test_freed_blocks_serve_the_next_batch():
     second batch on reuses the first one's memory. glibc adapts its thresholds to what a process
     frees, differently from process to process: ten batches gave 18,400 to 490,240 faults with its
     defaults (a third of the processes gave the low 18,400) and 0 to 10,752 kept (six fresh
-    processes each), so the totals of five processes each are compared."""
-    plain = [int(_run(False)[0]) for _ in range(5)]
+    processes each); on a 2-core AVX2 EPYC 6,144 or 300,000-490,000 (the low one in six of
+    sixteen) and 0 to 20,736 kept. So the totals of eight processes with the defaults and five
+    kept are compared (all eight in the low mode: ~1 in 2,500)."""
+    plain = [int(_run(False)[0]) for _ in range(8)]
     runs = [_run(True) for _ in range(5)]
     kept = [int(r[1]) for r in runs]
     assert {r[0] for r in runs} == {"glibc malloc keeping freed memory (mmap threshold 32 MiB, trim threshold 1 GiB)"}
     assert max(plain) > 10 * 4096, plain  # the premise: batches fault their blocks in afresh
-    assert sum(kept) < sum(plain) / 5, (kept, plain)
+    assert sum(kept) < sum(plain) / 8, (kept, plain)
 
 
 @glibc
@@ -68,8 +70,12 @@ def test_the_users_own_settings_are_left_alone():
     assert said == "glibc malloc as the environment sets it"
     said, _ = _run(True, GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
     assert said == "glibc malloc as the environment sets it"
-    said, faults = _run(True, PPL_ALLOCATOR="default")
-    assert said == "the platform's default (PPL_ALLOCATOR=default)"
-    # glibc's own behaviour, as without the harness: its defaults never gave fewer than 18,400
-    # faults here, the setting kept never more than 10,752 (test above)
-    assert int(faults) > 4 * 4096, faults
+    # glibc's own behaviour, as without the harness. Its defaults fall into two modes from process
+    # to process: ten batches fault 6,144 or 18,400 times (a third to two fifths of the processes
+    # on an AMX Xeon and an AVX2 EPYC) or 300,000-490,000 times; kept, 0 to 20,736 (EPYC, ten
+    # processes). So the most of eight processes is compared: all eight in the low mode is ~1 in
+    # 2,500 (the one process this test ran before failed on the EPYC when it drew 6,144).
+    runs = [_run(True, PPL_ALLOCATOR="default") for _ in range(8)]
+    assert {said for said, _ in runs} == {"the platform's default (PPL_ALLOCATOR=default)"}
+    faults = [int(f) for _, f in runs]
+    assert max(faults) > 100_000, faults

@@ -49,26 +49,24 @@ def run_harness(case: Case, dtype: str) -> dict:
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu")
     load_s = time.perf_counter() - t0
-    # the machine's bf16 GEMM peak just before (in a process of its own, which leaves this one's
+    # the machine's GEMM peak (timing.peak_dtype: bf16 where it is native) just before (in a process of its own, which leaves this one's
     # allocator as a user's run finds it) and after scoring (here), the larger: the share of
     # the peak is then taken against what the CPU gave during this very run (the peak read at a
     # bench's start swung from 717 to 1,301 GFLOP/s between two runs). Not in the memory case:
     # its matrices would count in the peak RSS.
-    import torch
-
-    from .timing import gemm_peak, gemm_peak_elsewhere
+    from .timing import gemm_peak, gemm_peak_elsewhere, peak_dtype
 
     peaks = [] if case.memory_limit_gb else [gemm_peak_elsewhere()]
     res = run(cfg, model=model, tokenizer=tok, write=False, progress=False)
     if peaks:
-        peaks.append(gemm_peak(torch.bfloat16))
+        peaks.append(gemm_peak(peak_dtype()))
     w = res.windows
     lengths = (w["end"] - w["begin"] + w["prefix"].astype(int)).astype(int).tolist()
     return {"scored_tokens": res.scored_tokens, "sum_nll": res["sum_nll"], "perplexity": res.perplexity,
             "word_perplexity": res["word_perplexity"], "load_s": load_s, "score_s": res["scoring_seconds"],
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "compile": res["precision"]["compile"]["on"],
             "compile_s": res["compile_seconds"],
-            "window_lengths": lengths, "shapes": model_shapes(model), "gemm_peak_bf16": max(peaks, default=None)}
+            "window_lengths": lengths, "shapes": model_shapes(model), "gemm_peak": max(peaks, default=None)}
 
 
 def run_hf_guide(case: Case, dtype: str) -> dict:
@@ -87,15 +85,15 @@ def run_hf_guide(case: Case, dtype: str) -> dict:
     test = load_dataset("parquet", data_files={"test": str(mirror("Salesforce/wikitext"))}, split="test")
     encodings = tokenizer("\n\n".join(test["text"]), return_tensors="pt")
     input_ids = encodings.input_ids[:, : case.tokens]
-    from .timing import gemm_peak, gemm_peak_elsewhere
+    from .timing import gemm_peak, gemm_peak_elsewhere, peak_dtype
 
     peaks = [gemm_peak_elsewhere()]  # as in run_harness
     t1 = time.perf_counter()
     nll, n, _ = hf_guide_nll(model, input_ids, case.max_length, case.stride)
     score_s = time.perf_counter() - t1
-    peaks.append(gemm_peak(torch.bfloat16))
+    peaks.append(gemm_peak(peak_dtype()))
     return {"scored_tokens": n, "sum_nll": nll, "perplexity": math.exp(nll / n), "load_s": load_s, "score_s": score_s,
-            "dtype": dtype, "gemm_peak_bf16": max(peaks)}
+            "dtype": dtype, "gemm_peak": max(peaks)}
 
 
 def run_tool(tool: str, case: Case) -> dict:
@@ -121,7 +119,12 @@ def compile_layers(key: str) -> None:
     from harness.config import load_config
     from harness.models import load_model
 
+    from harness.precision import cpu_bf16_flags
+
     for dtype in ("bfloat16", "float32"):
+        if dtype == "bfloat16" and not cpu_bf16_flags():
+            print(f"{key} {dtype}: not compiled, this CPU has no native bf16 (the bench runs no bf16 case here)")
+            continue
         cfg = load_config(MODELS[key], [f"model.name_or_path={cached_model(key)}", "model.gguf_file=null", "model.device=cpu",
                                         f"model.dtype={dtype}"])
         model = load_model(cfg.model, device="cpu")

@@ -9,7 +9,8 @@ Writes ``results/bench/bench.csv``, ``bench.md`` and ``bench.png``.
 
 Every tool of a case runs ``--repeats`` times, the tools in turn (A B C A B C ...), so a busy
 spell of the machine hits them alike; the table gives the median tokens/s, the spread (min..max)
-and ratios of medians. The measured bf16 GEMM peak is printed in the same run, and each row's
+and ratios of medians. The measured GEMM peak (bf16 where the CPU has it natively, else float32:
+the dtype `model.dtype: auto` runs in) is printed in the same run, and each row's
 achieved FLOP/s as a fraction of it (FLOPs counted from the model's shapes: benchmarks/flops.py).
 The harness's and the guide's runs measure that peak themselves, in their own process just
 before and after scoring, and their fraction is taken against it: the machine's peak swings
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.cases import CASES, REPO, Case  # noqa: E402
 from benchmarks.flops import task_flops  # noqa: E402
-from benchmarks.timing import gemm_peak  # noqa: E402
+from benchmarks.timing import gemm_peak, peak_dtype  # noqa: E402
 
 # Perplexities of two tools on the same tokens agree to float32 rounding; anything larger is a
 # real disagreement. The bound is set by the other tools, not the harness: on SmolLM2's first
@@ -87,12 +88,19 @@ def run_tool(case: Case, tool: str, lm_python: str | None) -> dict:
     return {**got, "tokens_per_s": got["scored_tokens"] / got["score_s"], "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": ""}
 
 
-def bench_case(case: Case, lm_python: str | None, repeats: int) -> dict[str, list[dict]]:
-    """Every tool of the case, ``repeats`` times, in turn (A B C A B C ...): tool -> its runs."""
-    runs: dict[str, list[dict]] = {t: [] for t in case.tools}
+def bench_case(case: Case, lm_python: str | None, repeats: int, auto_dtype: str) -> dict[str, list[dict]]:
+    """Every tool of the case, ``repeats`` times, in turn (A B C A B C ...): tool -> its runs.
+
+    ``harness:auto`` resolves to ``auto_dtype`` on this CPU (the precision policy), so the
+    harness row of that dtype is the same run, not run twice: bf16 on a CPU with native bf16,
+    the float32 reference elsewhere."""
+    same = f"harness:{auto_dtype}"
+    alias = same if "harness:auto" in case.tools and same in case.tools else None
+    tools = [t for t in case.tools if t != alias]
+    runs: dict[str, list[dict]] = {t: [] for t in tools}
     skip: set[str] = set()
     for rep in range(repeats):
-        for tool in case.tools:
+        for tool in tools:
             if tool in skip or (rep > 0 and tool not in case.timed):
                 continue  # the float32 reference (for dPPL) and the memory case run once
             print(f"[{case.name}] {tool} (run {rep + 1} of {repeats if tool in case.timed else 1}) ...", flush=True)
@@ -101,11 +109,28 @@ def bench_case(case: Case, lm_python: str | None, repeats: int) -> dict[str, lis
             if got.get("note"):
                 print(f"[{case.name}] {tool}: {got['note']}")
                 skip.add(tool)  # a tool that failed or is missing fails the same way again
-        auto = runs.get("harness:auto", [{}])[0].get("dtype")
-        if rep == 0 and auto == "bfloat16" and "harness:bfloat16" in runs:
-            skip.add("harness:bfloat16")  # the default already is bf16: the same run, not run twice
-            runs["harness:bfloat16"] = runs["harness:auto"]
+            elif tool == "harness:auto" and got.get("dtype") != auto_dtype:
+                raise SystemExit(f"harness:auto ran in {got.get('dtype')}, not {auto_dtype} as the precision policy says here")
+    if alias:
+        runs[alias] = runs["harness:auto"]
     return runs
+
+
+def for_this_cpu(case: Case) -> tuple[Case, list[dict]]:
+    """The case as this CPU can run it, and a row for each comparison it cannot.
+
+    Without native bf16 (no AVX-512 BF16, no AMX) bf16 is emulated: SmolLM2's linears ran at
+    10 GFLOP/s in bf16 against 67 in float32 on a two-core AVX2 EPYC, so the same-precision (bf16)
+    rows would take hours and say nothing a user of this CPU runs (``auto`` is float32 here)."""
+    from harness.precision import cpu_bf16_flags
+
+    if cpu_bf16_flags():
+        return case, []
+    keep = tuple(c for c in case.comparisons if "bfloat16" not in (c.tool + str(c.baseline)))
+    rows = [{"case": case.name, "kind": c.kind, "tool": c.tool, "target": "not measured",
+             "note": "not run: this CPU has no native bf16 (needs AVX-512 BF16 or AMX; emulated bf16 is slower than float32)"}
+            for c in case.comparisons if c not in keep]
+    return dataclasses.replace(case, comparisons=keep), rows
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -122,8 +147,8 @@ def summarize(runs: list[dict]) -> dict:
         "compile_s": statistics.median(r.get("compile_s") or 0.0 for r in ok) if first.get("compile") else None,
         "wall_s": statistics.median(r["wall_s"] for r in ok), "peak_rss_gb": max(r["peak_rss_gb"] for r in ok), "note": "",
     })
-    if all(r.get("gemm_peak_bf16") for r in ok):  # the harness and the guide: the peak their own process measured around scoring
-        out["gemm_peak_bf16"] = statistics.median(r["gemm_peak_bf16"] for r in ok)
+    if all(r.get("gemm_peak") for r in ok):  # the harness and the guide: the peak their own process measured around scoring
+        out["gemm_peak"] = statistics.median(r["gemm_peak"] for r in ok)
     # a tool's runs score the same tokens to the same number, up to float32 summation order (a
     # threaded reduction need not add in the same order twice: lm-eval's two float32 runs were not
     # bitwise equal in one `make bench`); anything larger is a real disagreement
@@ -146,7 +171,7 @@ def check_agreement(case: Case, a: dict, b: dict) -> str | None:
     return None
 
 
-def case_rows(case: Case, stats: dict[str, dict], peak_bf16: float) -> list[dict]:
+def case_rows(case: Case, stats: dict[str, dict], peak: float) -> list[dict]:
     """Table rows: the float32 reference, then each comparison's tool and baseline."""
     ref = stats.get("harness:float32") or next(iter(stats.values()))
     flops = None
@@ -154,16 +179,17 @@ def case_rows(case: Case, stats: dict[str, dict], peak_bf16: float) -> list[dict
         flops = task_flops(ref["shapes"], ref["window_lengths"], ref["scored_tokens"])
 
     def row(kind: str, tool: str, s: dict) -> dict:
-        r = {"case": case.name, "kind": kind, "tool": tool, **{k: v for k, v in s.items() if k not in ("window_lengths", "shapes", "gemm_peak_bf16")}}
+        r = {"case": case.name, "kind": kind, "tool": tool, **{k: v for k, v in s.items() if k not in ("window_lengths", "shapes", "gemm_peak")}}
         if case.protocol != "lm-eval":
             r.pop("word_perplexity", None)  # the HF loop has no word counts; token PPL is the number
         if "tokens_per_s" in s:
             r["spread"] = f"{s['tps_min']:.1f}..{s['tps_max']:.1f}"
             if flops:
                 r["gflop_s"] = flops / s["score_s"] / 1e9
-                # against the bf16 peak measured in the same process just before and after its
-                # scoring (the larger), where the tool reports it; else the run's start peak
-                r["peak_fraction"] = flops / s["score_s"] / s.get("gemm_peak_bf16", peak_bf16)
+                # against the GEMM peak (timing.peak_dtype) measured in the same process just
+                # before and after its scoring (the larger), where the tool reports it; else the
+                # run's start peak
+                r["peak_fraction"] = flops / s["score_s"] / s.get("gemm_peak", peak)
         if "perplexity" in s and "harness:float32" in stats and tool != "harness:float32":
             r["dppl_pct"] = 100 * (s["perplexity"] / stats["harness:float32"]["perplexity"] - 1)
         return r
@@ -201,10 +227,10 @@ def verdict(case: Case, c, r: dict) -> str:
 COLUMNS = ["case", "kind", "tool", "dtype", "runs", "scored_tokens", "tokens_per_s", "spread", "speedup", "gflop_s", "peak_fraction",
            "score_s", "compile_s", "load_s", "wall_s", "peak_rss_gb", "perplexity", "word_perplexity", "dppl_pct", "target", "note"]
 HEADERS = {"tokens_per_s": "tok/s (median)", "spread": "tok/s min..max", "speedup": "ratio of medians", "gflop_s": "GFLOP/s",
-           "peak_fraction": "of bf16 peak", "compile_s": "compiling s (in tok/s)", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
+           "peak_fraction": "of GEMM peak", "compile_s": "compiling s (in tok/s)", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
 
 
-def write_outputs(rows: list[dict], out: Path, header: str) -> str:
+def write_outputs(rows: list[dict], out: Path, header: str, peak_name: str = "bf16") -> str:
     import pandas as pd
 
     frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
@@ -218,7 +244,7 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> str:
     for col in ("scored_tokens", "runs"):
         fmt[col] = [str(int(v)) if v == v and v is not None else "" for v in frame[col]]
     fmt = fmt.drop(columns=["score_s", "wall_s"])  # in bench.csv; the table keeps to what is compared
-    fmt = fmt.astype(object).where(fmt.notna(), "").rename(columns=HEADERS)
+    fmt = fmt.astype(object).where(fmt.notna(), "").rename(columns={**HEADERS, "peak_fraction": f"of {peak_name} peak"})
     table = header + "\n\n" + fmt.to_markdown(index=False)
     (out / "bench.md").write_text(table + "\n")
     plot(frame, out / "bench.png")
@@ -292,19 +318,24 @@ def main() -> None:
         rc, wall, _ = run_child(sys.executable, ["compile", key])  # the harness's compiled layers, once per machine
         if rc != 0:
             raise SystemExit(f"compiling {key}'s layers failed (exit {rc})")
-    peaks = [gemm_peak(torch.bfloat16), gemm_peak(torch.float32)]
+    pdt = peak_dtype()  # bf16 where this CPU computes it natively, float32 elsewhere
+    pname = str(pdt).removeprefix("torch.")
+    peaks = [gemm_peak(pdt)]
+    peaks.append(peaks[0] if pdt == torch.float32 else gemm_peak(torch.float32))
     rows = []
     for case in cases:
-        stats = {tool: summarize(runs) for tool, runs in bench_case(case, lm_python, args.repeats).items()}
-        rows += case_rows(case, stats, peaks[0])
-    peaks.append(gemm_peak(torch.bfloat16))  # again at the end: was the machine as quiet throughout?
-    header = (f"Measured GEMM peak (4096^3 matmul, best of 3): bf16 {peaks[0] / 1e9:.0f} GFLOP/s at the start, "
-              f"{peaks[2] / 1e9:.0f} at the end; float32 {peaks[1] / 1e9:.0f} GFLOP/s. The harness's and the HF guide's "
-              f"'of bf16 peak' are against the bf16 peak each run measured in its own process just before and after "
+        case, skipped = for_this_cpu(case)
+        stats = {tool: summarize(runs) for tool, runs in bench_case(case, lm_python, args.repeats, pname).items()}
+        rows += case_rows(case, stats, peaks[0]) + skipped
+    peaks.append(gemm_peak(pdt))  # again at the end: was the machine as quiet throughout?
+    header = (f"Measured GEMM peak (4096^3 matmul, best of 3): {pname} {peaks[0] / 1e9:.0f} GFLOP/s at the start, "
+              f"{peaks[2] / 1e9:.0f} at the end" + ("" if pdt == torch.float32 else f"; float32 {peaks[1] / 1e9:.0f} GFLOP/s") +
+              f". The peak is {pname}'s, the dtype `model.dtype: auto` runs in on this CPU. The harness's and the HF guide's "
+              f"'of {pname} peak' are against the {pname} peak each run measured in its own process just before and after "
               f"scoring (the larger; median over runs), lm-eval's against the start peak. "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_description()}; "
               f"{args.repeats} runs per tool, in turn." + (f" Harness overrides: {' '.join(args.set)}." if args.set else ""))
-    table = write_outputs(rows, args.out, header)
+    table = write_outputs(rows, args.out, header, pname)
     print(table)
     print(f"written: {args.out / 'bench.csv'}, bench.md, bench.png")
     if any(("DISAGREE" in (r.get("note") or "")) or ("failed" in (r.get("note") or "")) or ("disagree" in (r.get("note") or "")) for r in rows):

@@ -88,15 +88,20 @@ def run_tool(case: Case, tool: str, lm_python: str | None) -> dict:
     return {**got, "tokens_per_s": got["scored_tokens"] / got["score_s"], "wall_s": wall, "peak_rss_gb": peak / 1e9, "note": ""}
 
 
-def bench_case(case: Case, lm_python: str | None, repeats: int, auto_dtype: str) -> dict[str, list[dict]]:
-    """Every tool of the case, ``repeats`` times, in turn (A B C A B C ...): tool -> its runs.
+def run_plan(case: Case, auto_dtype: str) -> tuple[list[str], str | None]:
+    """The tools to run for ``case``, and the one that is not run but is ``harness:auto``'s runs.
 
     ``harness:auto`` resolves to ``auto_dtype`` on this CPU (the precision policy), so the
     harness row of that dtype is the same run, not run twice: bf16 on a CPU with native bf16,
     the float32 reference elsewhere."""
     same = f"harness:{auto_dtype}"
     alias = same if "harness:auto" in case.tools and same in case.tools else None
-    tools = [t for t in case.tools if t != alias]
+    return [t for t in case.tools if t != alias], alias
+
+
+def bench_case(case: Case, lm_python: str | None, repeats: int, auto_dtype: str) -> dict[str, list[dict]]:
+    """Every tool of the case, ``repeats`` times, in turn (A B C A B C ...): tool -> its runs."""
+    tools, alias = run_plan(case, auto_dtype)
     runs: dict[str, list[dict]] = {t: [] for t in tools}
     skip: set[str] = set()
     for rep in range(repeats):

@@ -38,3 +38,18 @@ def test_the_default_run_stands_for_its_dtype():
     sliding = next(c for c in CASES if c.name == "smollm2 L1024 S512")
     assert bench.run_plan(sliding, "float32") == (["harness:auto", "hf-guide:float32", "harness:bfloat16", "hf-guide:bfloat16"], "harness:float32")
     assert bench.run_plan(sliding, "bfloat16") == (["harness:float32", "harness:auto", "hf-guide:float32", "hf-guide:bfloat16"], "harness:bfloat16")
+
+
+def test_a_dtype_set_for_the_harness_is_what_auto_runs_in():
+    assert bench.default_dtype([], "bfloat16") == "bfloat16"
+    assert bench.default_dtype(["eval.compile=true", "model.dtype=float32"], "bfloat16") == "float32"
+    assert bench.default_dtype(["model.dtype=float32", "model.dtype = auto"], "bfloat16") == "bfloat16"
+
+
+def test_speed_targets_are_judged_where_auto_is_bf16():
+    case = next(c for c in CASES if c.name == "smollm2 L1024 S512")
+    default, same = case.comparisons
+    assert bench.verdict(case, default, {"speedup": 3.6, "dtype": "bfloat16"}) == "met >= 3.5x"
+    assert bench.verdict(case, default, {"speedup": 3.4, "dtype": "bfloat16"}) == "MISSED >= 3.5x"
+    assert bench.verdict(case, default, {"speedup": 1.2, "dtype": "float32"}).startswith("n/a: >= 3.5x is set for auto in bf16")
+    assert bench.verdict(case, same, {"speedup": 1.2, "dtype": "bfloat16", "peak_fraction": 0.61}) == "MISSED >= 1.3x, met >= 60% of peak"

@@ -49,11 +49,11 @@ def run_harness(case: Case, dtype: str) -> dict:
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu")
     load_s = time.perf_counter() - t0
-    # the machine's GEMM peak (timing.peak_dtype: bf16 where it is native) just before (in a process of its own, which leaves this one's
-    # allocator as a user's run finds it) and after scoring (here), the larger: the share of
-    # the peak is then taken against what the CPU gave during this very run (the peak read at a
-    # bench's start swung from 717 to 1,301 GFLOP/s between two runs). Not in the memory case:
-    # its matrices would count in the peak RSS.
+    # the machine's GEMM peak (in timing.peak_dtype: bf16 where it is native) just before (in a
+    # process of its own, which leaves this one's allocator as a user's run finds it) and after
+    # scoring (here), the larger: the share of the peak is then taken against what the CPU gave
+    # during this very run (the peak read at a bench's start swung from 717 to 1,301 GFLOP/s
+    # between two runs). Not in the memory case: its matrices would count in the peak RSS.
     from .timing import gemm_peak, gemm_peak_elsewhere, peak_dtype
 
     peaks = [] if case.memory_limit_gb else [gemm_peak_elsewhere()]
@@ -118,7 +118,6 @@ def compile_layers(key: str) -> None:
     from harness import compiled
     from harness.config import load_config
     from harness.models import load_model
-
     from harness.precision import cpu_bf16_flags
 
     for dtype in ("bfloat16", "float32"):

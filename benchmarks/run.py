@@ -123,8 +123,10 @@ def bench_case(case: Case, lm_python: str | None, repeats: int, auto_dtype: str)
 
 def default_dtype(overrides: list[str], auto: str) -> str:
     """The dtype ``harness:auto`` runs in: ``auto`` resolved here, unless ``--set model.dtype=...`` says otherwise."""
-    last = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "model.dtype"]
-    return last[-1] if last and last[-1] != "auto" else auto
+    from harness.config import apply_overrides
+
+    dtype = apply_overrides({"model": {"dtype": "auto"}}, overrides)["model"]["dtype"]
+    return auto if dtype == "auto" else dtype
 
 
 def for_this_cpu(case: Case) -> tuple[Case, list[dict]]:
@@ -241,7 +243,7 @@ def verdict(case: Case, c, r: dict) -> str:
 COLUMNS = ["case", "kind", "tool", "dtype", "runs", "scored_tokens", "tokens_per_s", "spread", "speedup", "gflop_s", "peak_fraction",
            "score_s", "compile_s", "load_s", "wall_s", "peak_rss_gb", "perplexity", "word_perplexity", "dppl_pct", "target", "note"]
 HEADERS = {"tokens_per_s": "tok/s (median)", "spread": "tok/s min..max", "speedup": "ratio of medians", "gflop_s": "GFLOP/s",
-           "peak_fraction": "of GEMM peak", "compile_s": "compiling s (in tok/s)", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
+           "compile_s": "compiling s (in tok/s)", "dppl_pct": "dPPL vs f32", "peak_rss_gb": "peak RSS GB"}
 
 
 def write_outputs(rows: list[dict], out: Path, header: str, peak_name: str = "bf16") -> str:

@@ -293,8 +293,26 @@ def report_cmd(
         typer.echo(f"screenshot: {take_screenshot(path, screenshot)}")
 
 
+def _warnings_in_one_line() -> None:
+    """The harness's own warnings (``HarnessWarning``) print as ``warning: ...``, one line (Python's
+    format adds the file, the line number and a line of source); others keep Python's format."""
+    import warnings
+
+    from .errors import HarnessWarning
+
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, HarnessWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _warnings_in_one_line()
     try:
         app()
     except HarnessError as err:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import HarnessWarning
 from .files import first_line
 from .packaged import INDUCTOR, Packaged, build_package, decoder_layers, end_padded, package_paths, packable, use_cache_dir
 from .packaged import cached, variants  # noqa: F401 - the module's API: compiled.cached, compiled.variants
@@ -146,7 +147,8 @@ class Body:
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run uncompiled
             line = first_line(err, 200)
             also = f"; ahead of time: {self.package_error}" if self.package_error else ""
-            warnings.warn(f"eval.compile: compiling failed ({type(err).__name__}: {line}{also}); scoring uncompiled", stacklevel=2)
+            warnings.warn(f"eval.compile: compiling failed ({type(err).__name__}: {line}{also}); scoring uncompiled",
+                          HarnessWarning, stacklevel=2)
             self.failed, self.how = True, "failed"
             hidden = None
         finally:
@@ -157,7 +159,8 @@ class Body:
         if hidden is None:
             return eager(self.model, input_ids, attention_mask)
         if first and self.package_error:
-            warnings.warn(f"eval.compile: could not compile ahead of time ({self.package_error}); compiled just in time", stacklevel=2)
+            warnings.warn(f"eval.compile: could not compile ahead of time ({self.package_error}); compiled just in time",
+                          HarnessWarning, stacklevel=2)
         return hidden
 
 
@@ -196,7 +199,7 @@ def enable(model, decision: Decision | bool) -> Decision:
         return decision
     why = available()
     if why:
-        warnings.warn(f"eval.compile: torch.compile is unavailable ({why}); scoring uncompiled", stacklevel=2)
+        warnings.warn(f"eval.compile: torch.compile is unavailable ({why}); scoring uncompiled", HarnessWarning, stacklevel=2)
         return Decision(False, f"unavailable: {why}")
     _COMPILED[model] = Body(model, decision)
     return decision

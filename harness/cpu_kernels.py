@@ -76,9 +76,10 @@ def try_build(source: Path, stem: str, what: str, instead: str) -> bool:
     except Exception as err:  # noqa: BLE001 - the kernel is an optimisation: the caller falls back
         import warnings
 
+        from .errors import HarnessWarning
         from .files import cache_root, first_line
 
         warnings.warn(f"{what} did not build ({first_line(err)}); using {instead} (build log: {cache_root() / 'kernels'})",
-                      stacklevel=3)
+                      HarnessWarning, stacklevel=3)
         return False
     return True

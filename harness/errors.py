@@ -21,3 +21,8 @@ class ConfigError(HarnessError):
         self.problems = problems
         where = f"{source}: " if source else ""
         super().__init__(f"{where}invalid config: " + "; ".join(problems))
+
+
+class HarnessWarning(UserWarning):
+    """Something the user should know that does not stop the run (a fallback, a slow setting);
+    the CLI prints it as one line, ``warning: ...``."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 
 from . import activation, allocator, attention, compiled, norm, precision, protocols, record
@@ -20,7 +21,7 @@ from .accumulate import override_counts
 from .batching import choose_batch_size
 from .config import RunConfig
 from .distributed import Distributor
-from .errors import HarnessError
+from .errors import HarnessError, HarnessWarning
 from .models import adds_bos, load_model, load_tokenizer, max_positions
 from .record import Result
 from .results import WINDOWS, write_frame, write_record, write_table
@@ -101,10 +102,15 @@ def _run_section(dist, batch_size: int, done, model, heap: str | None) -> dict:
             "device": str(next(model.parameters()).device), "allocator": heap}
 
 
-def _precision(cfg: RunConfig, model, windows) -> dict:
-    """The record's precision section, with what eval.compile decided for this run's plan."""
+def _precision(cfg: RunConfig, model, windows, say: bool) -> dict:
+    """The record's precision section, with what eval.compile decided for this run's plan; ``say``:
+    warn (one line) where the body's dtype has no native arithmetic on the device."""
     planned = compiled.decide(cfg.eval.compile, sum(w.input_length for w in windows), compiled.cached(model))
-    return {**precision.describe(model, cfg.model.dtype, input_device(model)), "attention": attention.describe(model),
+    body = precision.describe(model, cfg.model.dtype, input_device(model))
+    slow = precision.emulated(body["body"], input_device(model)) if say else None
+    if slow:
+        warnings.warn(slow, HarnessWarning, stacklevel=2)
+    return {**body, "attention": attention.describe(model),
             "activation": activation.describe(model), "norm": norm.describe(model),
             "compile": compiled.enable(model, planned).as_dict()}
 
@@ -164,7 +170,7 @@ def run(
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
     settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     windows = protocols.plan_streams(settings, streams)
-    prec = _precision(cfg, model, windows)
+    prec = _precision(cfg, model, windows, dist.is_main)
     chash = record.config_hash(cfg, settings, prec)
     rid = record.run_id(cfg, settings, chash, output_dir)
     run_dir = Path(output_dir) if output_dir else root / rid

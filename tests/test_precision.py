@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from harness import precision
 from harness.head import head_logits, release_workspace
 from harness.scoring import scored_hidden, token_nlls
 
+from .conftest import REPO, tiny_config
 from .test_scoring_chunks import _batch
 
 
@@ -38,7 +43,8 @@ def test_resolve_dtype():
     assert auto.dtype == (torch.bfloat16 if native else torch.float32), auto
     assert auto.reason.startswith("cpu")
     cuda = precision.resolve_dtype("auto", "cuda")
-    assert cuda.dtype == (torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32)
+    native_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    assert cuda.dtype == (torch.bfloat16 if native_gpu else torch.float32)
     assert precision.resolve_dtype("auto", "mps").dtype == torch.float32
 
 
@@ -243,3 +249,40 @@ def test_bf16_gemma3_attention_and_compiled_run(gemma3, tmp_path, monkeypatch):
     assert r.scored_tokens == ref.scored_tokens == 2047
     assert abs(r.perplexity / ref.perplexity - 1) <= 2e-3, (r.perplexity, ref.perplexity)
     print(f"\nGemma-3 bf16 compiled vs float32: PPL {r.perplexity:.4f} vs {ref.perplexity:.4f} ({r.perplexity / ref.perplexity - 1:+.2e})")
+
+
+def test_emulated_dtypes_are_named(monkeypatch):
+    """A dtype the device has no arithmetic for is said in one line; native ones are not."""
+    flags = _cpuinfo_flags()
+    bf16 = precision.emulated("bfloat16", "cpu")
+    assert (bf16 is None) == bool(flags & {"amx_bf16", "avx512_bf16"}), bf16
+    fp16 = precision.emulated(torch.float16, "cpu")
+    assert (fp16 is None) == bool(flags & {"amx_fp16", "avx512_fp16"}), fp16
+    assert precision.emulated("float32", "cpu") is None
+    # both kinds of CPU, whichever this one is (the flags patched: no machine has both)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    line = precision.emulated("bfloat16", "cpu")
+    assert line.startswith("model.dtype bfloat16: this CPU has no native bfloat16 arithmetic (no AVX-512 BF16 or AMX)")
+    assert line.endswith("model.dtype: auto picks float32 here") and "\n" not in line
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    assert precision.emulated("bfloat16", "cpu") is None
+    monkeypatch.setattr(precision, "cpu_fp16_flags", lambda: ())
+    assert precision.emulated("float16", "cpu").endswith("auto picks bfloat16 here")
+
+
+
+def test_cli_says_an_emulated_dtype_in_one_line(tiny, tiny_corpus, tmp_path):
+    """``ppl run`` with a dtype this CPU emulates prints one ``warning:`` line (not Python's
+    file-and-source format) and still runs; with a native one it prints none."""
+    folder, _, _ = tiny
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(folder, tiny_corpus)))
+    for dtype in ("bfloat16", "float16"):
+        proc = subprocess.run([sys.executable, "-m", "harness", "run", str(cfg), f"model.dtype={dtype}", "-o", str(tmp_path / dtype),
+                               "--no-progress"], capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              timeout=300)
+        assert proc.returncode == 0 and (tmp_path / dtype / "result.json").is_file(), proc.stderr
+        said = [line for line in proc.stderr.splitlines() if "model.dtype" in line and "native" in line]
+        expected = precision.emulated(dtype, "cpu")
+        assert said == ([f"warning: {expected}"] if expected else []), proc.stderr
+        assert "HarnessWarning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr

@@ -2,8 +2,9 @@
 
 ``model.name_or_path`` is a hub id, a local folder, or ``pkg:PACKAGE`` for a folder inside an
 installed Python package (the GGUF models on the package index ship that way). A GGUF file is
-dequantized to ``model.dtype`` by transformers. A model whose GGUF file is split into chunk
-packages (Gemma-3-270M) is assembled once by ``prepare_packaged_model`` (``ppl models``).
+dequantized to ``model.dtype`` by transformers, whatever its architecture (``dequantized_gguf``).
+A model whose GGUF file is split into chunk packages (Gemma-3-270M) is assembled once by
+``prepare_packaged_model`` (``ppl models``).
 
 Loading is safe by default: no remote code unless ``trust_remote_code``; weights through
 safetensors or GGUF, never by unpickling unless ``allow_pickle``.
@@ -142,6 +143,24 @@ def torch_dtype(name: str):
     return {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def dequantized_gguf():
+    """The ``quantization_config`` that makes transformers dequantize a GGUF file's weights into
+    plain dense ones (None where this transformers has no such option, and always dequantizes).
+
+    transformers 5 keeps the weights of some architectures (Qwen3.5, LFM2) in their GGUF blocks,
+    multiplied by kernels from the hub in float32, where one is published: another computation
+    than the dense model every other load gives, with modules the harness's head and kernels do
+    not know. For the rest it dequantizes, yet warns that a dtype other than float32 will cast
+    around "packed" kernels (in every bf16 run of SmolLM2 or Gemma-3). Asking for dequantized
+    weights gives the same dense model, whatever the architecture, without that warning.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return None
+    return GgufConfig(dequantize=True)
+
+
 def pick_device(name: str) -> str:
     from .distributed import local_device  # the one place a device is decided
 
@@ -186,6 +205,8 @@ def load_model(cfg: ModelConfig, device: str | None = None):
     }
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
+        if (dense := dequantized_gguf()) is not None:
+            kwargs["quantization_config"] = dense
     elif not cfg.allow_pickle:
         kwargs["use_safetensors"] = True
     if cfg.attn_implementation:

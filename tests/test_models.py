@@ -68,3 +68,27 @@ def test_pool_holds_at_most_keep_models(tiny):
     assert len(pool) == 1 and pool.get(b)[0] is not second
     with pytest.raises(ValueError, match="keep must be at least 1"):
         ModelPool(keep=0)
+
+
+def test_a_gguf_loaded_in_bf16_is_the_float32_load_rounded(smollm2, capfd, caplog):
+    """Loading the real SmolLM2 GGUF in bf16 gives the session's float32 load rounded to bf16,
+    tensor for tensor (what the bf16 tests build by ``.to(torch.bfloat16)``), as plain dense
+    modules, and without transformers' warning about packed GGUF kernels (the harness asks for
+    dequantized weights)."""
+    from harness.config import ModelConfig
+    from harness.models import load_model
+
+    from .conftest import SMOLLM2
+
+    f32, _ = smollm2
+    capfd.readouterr()
+    with caplog.at_level("WARNING"):  # transformers' logger reaches stderr or pytest's log capture
+        bf16 = load_model(ModelConfig(**{**SMOLLM2, "dtype": "bfloat16"}), device="cpu")
+    said = capfd.readouterr().err + caplog.text
+    assert "packed" not in said, said
+    want = {k: v.to(torch.bfloat16) for k, v in f32.state_dict().items()}
+    got = bf16.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, want[name]), name
+    assert {type(m).__module__.split(".")[0] for m in bf16.modules()} <= {"torch", "transformers", "harness"}

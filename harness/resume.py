@@ -15,18 +15,20 @@ the final record equals an uninterrupted run's. The log is deleted once the reco
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import fcntl
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from .accumulate import PositionStats, WindowRecord
 from .errors import HarnessError
-from .files import reading
+from .files import first_line, reading
 from .windows import Window
 
 PARTIAL = ".partial"
@@ -71,30 +73,93 @@ def _encode(f: Finished) -> str:
     return json.dumps(row)
 
 
-def _decode(line: bytes) -> Finished:
-    row = json.loads(line)
-    nlls = np.frombuffer(base64.b64decode(row.pop("nll")), dtype="<f4").copy()
-    return Finished(WindowRecord(**row), nlls)
+_KEYS = [f.name for f in fields(WindowRecord)] + ["nll"]  # what ``_encode`` writes, no more, no less
+_INTS = ("index", "doc", "begin", "end", "score_begin", "score_end", "tokens", "bytes", "words")
+
+
+def _typed(row) -> None:
+    """Each field of a logged window is there with its type; a wrong one would otherwise surface
+    only after scoring, as a traceback where the sums meet (``runner._timing``, ``positions_of``)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a JSON {type(row).__name__}, not a window")
+    missing, extra = [k for k in _KEYS if k not in row], [k for k in row if k not in _KEYS]
+    if missing:
+        raise ValueError(f"a window without {', '.join(missing)}")
+    if extra:
+        raise ValueError(f"unknown fields {', '.join(extra)}")
+    kinds = {k: (type(row[k]) is int and row[k] >= 0, "a whole number >= 0") for k in _INTS}
+    kinds.update({k: (type(row[k]) is bool, "true or false") for k in ("prefix", "replace_first")})
+    for k in ("sum_nll", "sum_nll_sq"):
+        kinds[k] = (type(row[k]) in (int, float) and math.isfinite(row[k]), "a finite number")
+    kinds["domain"] = (row["domain"] is None or isinstance(row["domain"], str), "a string or null")
+    kinds["nll"] = (isinstance(row["nll"], str), "a base64 string")
+    for key, (ok, want) in kinds.items():
+        if not ok:
+            raise ValueError(f"window {row['index']!r}: {key} is {json.dumps(row[key])[:40]}, not {want}")
+
+
+def _decode(line: bytes, n_windows: int, plan: list[Window] | None = None) -> Finished:
+    """One logged window, checked against the run before anything is scored: an index in the plan,
+    spans in order, one NLL per scored token, NLLs that add up to the record's sum (and, given the
+    plan, the planned window's spans). Damage raises ValueError saying what; the caller names the file."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        raise ValueError("not a JSON line") from None
+    _typed(row)
+    try:
+        nlls = np.frombuffer(base64.b64decode(row.pop("nll"), validate=True), dtype="<f4").copy()
+    except (binascii.Error, ValueError):
+        raise ValueError(f"window {row['index']}: nll is not base64 float32 values") from None
+    r = WindowRecord(**row)
+    if r.index >= n_windows:
+        raise ValueError(f"window index {r.index} is not in this run's plan of {n_windows} windows")
+    if not r.begin <= r.score_begin <= r.score_end <= r.end:
+        raise ValueError(f"window {r.index}: spans out of order (begin, score_begin, score_end, end)")
+    if not r.tokens == r.score_end - r.score_begin == len(nlls):
+        raise ValueError(
+            f"window {r.index} scores {r.score_end - r.score_begin} tokens but says {r.tokens} and holds {len(nlls)} NLLs"
+        )
+    total = float(nlls.sum(dtype=np.float64))
+    if not (np.isfinite(nlls).all() and math.isclose(total, r.sum_nll, rel_tol=1e-5, abs_tol=1e-3)):
+        raise ValueError(f"window {r.index}: its NLLs do not add up to its sum_nll")
+    planned = plan[r.index] if plan is not None else None
+    if planned is not None and (r.doc, r.begin, r.end, r.score_begin, r.score_end, r.prefix, r.replace_first) != (
+        planned.doc, planned.begin, planned.end, planned.score_begin, planned.score_end, planned.prefix, planned.replace_first
+    ):
+        raise ValueError(f"window {r.index}: its spans are not the planned window's")
+    return Finished(r, nlls)
 
 
 class ResumeLog:
     """The append-only log of finished windows for one config in one folder (rank 0 only)."""
 
-    def __init__(self, folder: Path, config_hash: str, n_windows: int, exclusive_folder: bool):
+    def __init__(self, folder: Path, config_hash: str, n_windows: int, exclusive_folder: bool,
+                 plan: list[Window] | None = None):
         self.dir = Path(folder) / PARTIAL
         self.path = self.dir / f"{config_hash[:32]}.jsonl"
         self.header = {"format": FORMAT, "config_hash": config_hash, "windows": n_windows}
         self.exclusive_folder = exclusive_folder  # the folder is this run's own: old logs are stale
+        self.plan = plan  # the planned windows, when given: each logged window must be its planned one
         self._file = None
 
     def open(self) -> list[Finished]:
-        """Take the log (locked against a second run of the same config) and read what it holds."""
+        """Take the log (locked against a second run of the same config) and read what it holds.
+
+        Every line is checked here, before any window is scored: a damaged log is one line naming
+        it, never a traceback after the scoring or a wrong record."""
+        fix = f"delete {self.path} to start the run over"
+        if self.dir.exists() and not self.dir.is_dir():
+            raise HarnessError(f"resume log: {self.dir} is a file, not the folder of resume logs; delete it to start the run over")
+        if self.path.is_dir():
+            raise HarnessError(f"resume log: {self.path} is a folder, not a resume log; delete it to start the run over")
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.exclusive_folder:  # a changed config starts fresh: drop other configs' logs
             for old in self.dir.glob("*.jsonl"):
-                if old != self.path:
+                if old != self.path and not old.is_dir():
                     old.unlink(missing_ok=True)
-        self._file = open(self.path, "a+b")
+        with reading(self.path, "resume log", "resume log", fix):
+            self._file = open(self.path, "a+b")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -123,10 +188,12 @@ class ResumeLog:
         with reading(self.path, "resume log", "resume log", fix):
             for n, line in enumerate(lines[1:], start=2):
                 try:
-                    f = _decode(line)
-                except Exception as err:  # noqa: BLE001 - a whole line that does not decode is damage, not a kill
+                    f = _decode(line, self.header["windows"], self.plan)
+                except ValueError as err:  # a whole line that does not decode is damage, not a kill
+                    raise ValueError(f"line {n}: {first_line(err, 200)}") from None
+                except Exception as err:  # noqa: BLE001 - ditto, whatever the decoder raised
                     raise ValueError(f"line {n} is not a finished window: {type(err).__name__}") from None
-                seen.setdefault(f.record.index, f)
+                seen.setdefault(f.record.index, f)  # a window twice (checked both times): the first is kept
         self._file.truncate(good)
         self._file.seek(good)
         return list(seen.values())

@@ -35,6 +35,9 @@ __all__ = ["run", "Result"]
 
 
 def _check_writable(root: Path) -> None:
+    """``root`` can be made and written to; the folders made to find out are removed again, so a
+    run that fails before its first window leaves no empty output folder behind."""
+    made = [p for p in [root, *root.parents] if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}"
@@ -44,6 +47,12 @@ def _check_writable(root: Path) -> None:
         raise HarnessError(
             f"output.dir: cannot write to {root} ({err.strerror}); choose a writable folder with --output-dir or output.dir"
         ) from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _merge(dist, records, positions, done, windows, settings, streams):
@@ -179,7 +188,8 @@ def run(
     # windows finished by an earlier, interrupted run of this config are taken over, not rescored
     # (not in KL mode: the per-token KL of earlier windows is not in the log)
     resumable = write and pair is None
-    log = ResumeLog(Path(output_dir or root), chash, len(windows), output_dir is not None) if resumable and dist.is_main else None
+    log = (ResumeLog(Path(output_dir or root), chash, len(windows), output_dir is not None, plan=windows)
+           if resumable and dist.is_main else None)
     done = dist.broadcast(log.open() if log else []) if resumable else []
     mine = dist.shard_padded(remaining(windows, done), padding)
 

@@ -248,8 +248,8 @@ def _header(log: Path) -> dict:
     ("not json", "is not a valid resume log (ValueError: its first line is not a JSON header)"),
     ("a list", "is not a resume log (no header on its first line)"),
     ("old version", "was written by another version of the harness (format 0, this one reads 1)"),
-    ("bad line", "is not a valid resume log (ValueError: line 2 is not a finished window: JSONDecodeError)"),
-    ("bad window", "is not a valid resume log (ValueError: line 2 is not a finished window: KeyError)"),
+    ("bad line", "is not a valid resume log (ValueError: line 2: not a JSON line)"),
+    ("bad window", "is not a valid resume log (ValueError: line 2: a window without doc, begin, end"),
 ])
 def test_bad_resume_log_is_one_line(tmp_path, tiny, tiny_corpus, damage, needle, capsys, monkeypatch):
     folder, _, _ = tiny

@@ -7,9 +7,11 @@ counted once and ``resumed_windows`` saying how many were taken over.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import yaml
 from harness.accumulate import WindowRecord
 from harness.resume import PARTIAL, Finished, ResumeLog
 from harness.config import validate
+from harness.errors import HarnessError
 from harness.runner import run
 
 from .conftest import REPO, SMOLLM2, WIKITEXT, tiny_config
@@ -232,3 +235,99 @@ def test_sigterm_keeps_work_prints_the_resume_command_and_resumes(tiny, tmp_path
     assert math.isclose(resumed["sum_nll"], whole["sum_nll"], rel_tol=1e-9)
     assert math.isclose(resumed["perplexity"], whole.perplexity, rel_tol=1e-9)
     assert not (out / PARTIAL).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged log: one line naming it when the run starts, before any window is scored
+
+
+@pytest.fixture
+def logged(tiny, tiny_corpus, tmp_path, monkeypatch):
+    """A run stopped (Ctrl-C) after its first batch: (config, folder, log path, model, tokenizer);
+    then the scorer is replaced by one that fails the test, so a rerun must stop before scoring."""
+    import harness.runner
+
+    folder, model, tok = tiny
+    cfg = validate(tiny_config(folder, tiny_corpus, max_length=32, stride=16, batch_size=2, bootstrap=0))
+    out = tmp_path / "run"
+    append = ResumeLog.append
+
+    def append_then_stop(self, finished):
+        append(self, finished)
+        if finished:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumeLog, "append", append_then_stop)
+        with pytest.raises(KeyboardInterrupt, match="run the same command"):
+            run(cfg, out, model=model, tokenizer=tok, progress=False)
+    (path,) = (out / PARTIAL).glob("*.jsonl")
+    assert path.read_bytes().count(b"\n") == 3  # the header and the first batch's two windows
+
+    def scored(*args, **kwargs):
+        raise AssertionError("a window was scored before the damaged log was refused")
+
+    monkeypatch.setattr(harness.runner, "score_windows", scored)
+    return cfg, out, path, model, tok
+
+
+def _damage(path, **change) -> bytes:
+    """Append a copy of the log's last window with ``change`` applied; the log's bytes after."""
+    row = json.loads(path.read_bytes().splitlines()[-1])
+    with open(path, "ab") as f:
+        f.write(json.dumps({**row, **change}).encode() + b"\n")
+    return path.read_bytes()
+
+
+def _refused(logged, match: str, before: bytes | None) -> None:
+    """The rerun ends in one HarnessError naming the log; the log is as it was, nothing is written."""
+    cfg, out, path, model, tok = logged
+    with pytest.raises(HarnessError) as err:
+        run(cfg, out, model=model, tokenizer=tok, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"resume log: {path} ")
+    assert re.search(match, message), message
+    assert (path.read_bytes() if before is not None else None) == before
+    assert sorted(p.name for p in out.iterdir()) == [PARTIAL]  # no record, no tables
+
+
+def test_damaged_log_bad_index_is_one_line_before_scoring(logged):
+    before = _damage(logged[2], index=999)
+    _refused(logged, r"not a valid resume log \(ValueError: line 4: window index 999 is not in this run's plan of \d+ windows\)"
+             r"; delete .* to start the run over$", before)
+
+
+def test_damaged_log_wrong_type_is_one_line_before_scoring(logged):
+    before = _damage(logged[2], tokens="abc")
+    _refused(logged, r"line 4: window \d+: tokens is \"abc\", not a whole number >= 0\); delete", before)
+
+
+def test_damaged_log_wrong_nll_count_is_one_line_before_scoring(logged):
+    three = base64.b64encode(np.zeros(3, "<f4").tobytes()).decode()
+    before = _damage(logged[2], nll=three)
+    _refused(logged, r"line 4: window \d+ scores \d+ tokens but says \d+ and holds 3 NLLs\); delete", before)
+
+
+def test_log_path_that_is_a_folder_is_one_line(logged):
+    path = logged[2]
+    path.unlink()
+    path.mkdir()
+    _refused(logged, r"is a folder, not a resume log; delete it to start the run over$", None)
+    assert path.is_dir() and not any(path.iterdir())
+
+
+def test_log_window_not_the_planned_one_is_refused(tmp_path):
+    """Given the plan, a logged window whose spans are not its planned window's is damage too."""
+    from harness.windows import Window
+
+    plan = [Window(i, 0, i, i + 3, i + 1, i + 3) for i in range(4)]
+    nlls = np.array([0.5, 1.5], dtype=np.float32)
+    log = ResumeLog(tmp_path, "abc" * 10, 4, exclusive_folder=True, plan=plan)
+    assert log.open() == []
+    log.append([Finished(WindowRecord(1, 0, 1, 4, 2, 4, False, False, 2.0, 2.5, 2, 7, 1), nlls)])
+    log.append([Finished(WindowRecord(2, 0, 0, 3, 1, 3, False, False, 2.0, 2.5, 2, 7, 1), nlls)])  # window 0's spans
+    log.close()
+    again = ResumeLog(tmp_path, "abc" * 10, 4, exclusive_folder=True, plan=plan)
+    with pytest.raises(HarnessError, match=r"line 3: window 2: its spans are not the planned window's"):
+        again.open()
+    assert again._file is None  # closed, the lock let go

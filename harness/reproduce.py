@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import ModelConfig, RunConfig, _format_errors
 from .errors import ConfigError, HarnessError
+from .files import reading
 from .models import ModelPool, model_key
 
 if TYPE_CHECKING:
@@ -86,15 +87,29 @@ def load_entries(path: str | Path | None = None) -> dict[str, Entry]:
     files = sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name) if folder.is_dir() else []
     if not files:
         raise HarnessError(f"reproduce: no entries (*.yaml) in {folder}; pass --registry with the folder of entries")
-    out = {}
-    for f in files:
+    return {f.name.removesuffix(".yaml"): _read_entry(f) for f in files}
+
+
+ENTRY_FIX = "save the entry as UTF-8 YAML, or move it out of the registry"
+
+
+def _read_entry(f: Traversable) -> Entry:
+    """One entry file, validated. As for configs (``config.read_yaml``), a file that cannot be read
+    (a folder, not UTF-8, unreadable) or parsed is one line naming it, not a traceback; the file
+    may sit inside an installed package, so it is read through ``Traversable``, not as a Path."""
+    if f.is_dir():
+        raise HarnessError(f"reproduce: {f} is a folder, not an entry; an entry is a YAML file (rename or move the folder)")
+    with reading(str(f), "reproduce", "registry entry", ENTRY_FIX):
         try:
-            out[f.name.removesuffix(".yaml")] = Entry.model_validate(yaml.safe_load(f.read_text(encoding="utf-8")))
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"YAML does not parse{where} (fix the syntax)"], str(f)) from None
+        try:
+            return Entry.model_validate(data)
         except ValidationError as err:
             raise ConfigError(_format_errors(err), str(f)) from None
-        except yaml.YAMLError:
-            raise ConfigError(["YAML does not parse (fix the syntax)"], str(f)) from None
-    return out
 
 
 def select(entries: dict[str, Entry], names: list[str] | None) -> dict[str, Entry]:

@@ -264,3 +264,40 @@ def test_an_installed_wheel_finds_its_registry(tmp_path):
     assert Path(where.strip()).is_relative_to(target)
     listed = ok([sys.executable, "-m", "harness", "reproduce", "--list"], cwd=tmp_path, env=env)
     assert [line.split()[0] for line in listed.splitlines()] == [n.removesuffix(".yaml") for n in registry]
+
+
+
+def _list(registry: Path) -> subprocess.CompletedProcess:
+    """``ppl reproduce --registry DIR --list`` as a user runs it (the CLI turns HarnessError into its line)."""
+    from .conftest import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "harness", "reproduce", "--registry", str(registry), "--list"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_registry_file_not_utf8_is_one_line(tmp_path):
+    """A registry entry with bytes that are not UTF-8: one line naming the file and the fix."""
+    (tmp_path / "latin.yaml").write_bytes(b"description: caf\xe9\n")
+    done = _list(tmp_path)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.strip() == (
+        f"error: reproduce: {tmp_path / 'latin.yaml'} is not UTF-8 text (byte offset 16); "
+        "save the entry as UTF-8 YAML, or move it out of the registry"
+    )
+
+
+def test_registry_folder_named_yaml_is_one_line(tmp_path):
+    """A folder named like an entry (``x.yaml/``) in the registry: one line naming it, not a traceback."""
+    (tmp_path / "x.yaml").mkdir()
+    done = _list(tmp_path)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.strip() == (
+        f"error: reproduce: {tmp_path / 'x.yaml'} is a folder, not an entry; an entry is a YAML file (rename or move the folder)"
+    )
+
+
+def test_registry_yaml_syntax_error_names_file_and_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("description: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: invalid config: YAML does not parse at line \d+, column \d+"):
+        R.load_entries(tmp_path)

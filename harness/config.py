@@ -241,16 +241,20 @@ class RunConfig(_Section):
 # Loading
 
 
+def _section(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The section (sub-model) a field of ``model`` holds, or None for a plain value or no such field."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return None
+    ann = field.annotation
+    candidates = [ann, *(getattr(ann, "__args__", ()) or ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
 def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     """Valid keys at a dotted location of the schema (for 'did you mean' hints)."""
     for part in path:
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ()) or ()
-        candidates = [ann, *args]
-        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        sub = _section(model, part)
         if sub is None:
             return []
         model = sub
@@ -260,39 +264,64 @@ def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
 _UNION_TAG = re.compile(r"^(int|str|bool|float|none|literal\[.*\]|function-.*\[.*\]|enum\[.*\])$")
 
 
+def printable(text: object) -> str:
+    """``text`` with control and line-break characters escaped as Python writes them (``\\n``), so a
+    key or value with a newline in it cannot split an error's one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _key_path(loc: tuple) -> tuple[str, ...]:
+    """The config keys of an error's location.
+
+    pydantic adds a union member's tag ('int', "literal['auto']", 'function-after[...]') and list
+    indices after a field that holds a value. The location is walked along the schema: inside a
+    section every part is a key the user wrote (one named 'none' or 'int' too), and tags are
+    dropped only below a value field."""
+    model: type[BaseModel] | None = RunConfig
+    path: list[str] = []
+    for part in loc:
+        if model is not None:
+            path.append(str(part))
+            model = _section(model, str(part))
+        elif not isinstance(part, int) and not _UNION_TAG.match(str(part)):
+            path.append(str(part))
+    return tuple(path)
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    """'did you mean' the closest valid key at that level, else the list of valid keys."""
+    names = _field_names(RunConfig, loc[:-1])
+    close = difflib.get_close_matches(loc[-1], names, n=1) if loc else []
+    if close:
+        return f" (did you mean '{printable('.'.join(loc[:-1] + (close[0],)))}'?)"
+    return f" (valid keys: {', '.join(names)})" if names else ""
+
+
 def _format_errors(err: ValidationError) -> list[str]:
-    problems = []
+    problems: dict[str, str] = {}  # one message per key is enough (a union reports each member's complaint)
     for e in err.errors():
-        # pydantic adds a union member's tag ('int', "literal['auto']", 'function-after[...]') to the location
-        loc = tuple(str(p) for p in e["loc"] if not isinstance(p, int) and not _UNION_TAG.match(str(p)))
-        key = ".".join(loc) or "(top level)"
+        loc = _key_path(e["loc"])
+        key = printable(".".join(loc)) or "(top level)"
         if e["type"] == "extra_forbidden":
-            names = _field_names(RunConfig, loc[:-1])
-            close = difflib.get_close_matches(loc[-1], names, n=1)
-            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else (
-                f" (valid keys: {', '.join(names)})" if names else ""
-            )
-            problems.append(f"{key}: unknown key{hint}")
+            problem = f"unknown key{_unknown_key(loc)}"
         elif e["type"] == "missing":
-            problems.append(f"{key}: required key is missing")
+            problem = "required key is missing"
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {msg} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else f"{key}: {msg}")
-    # one message per key is enough (a union reports each member's complaint)
-    seen: dict[str, str] = {}
-    for p in problems:
-        seen.setdefault(p.split(":", 1)[0], p)
-    return list(seen.values())
+            problem = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict):
+                problem += f" (got {e['input']!r})"
+        problems.setdefault(key, f"{key}: {printable(problem)}")
+    return list(problems.values())
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``eval.stride=512`` -> (['eval', 'stride'], 512); values are YAML scalars or lists."""
     if "=" not in item:
-        raise ConfigError([f"override '{item}': expected KEY=VALUE, e.g. eval.stride=512"])
+        raise ConfigError([f"override '{printable(item)}': expected KEY=VALUE, e.g. eval.stride=512"])
     key, _, raw = item.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError([f"override '{item}': empty key part"])
+        raise ConfigError([f"override '{printable(item)}': empty key part"])
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
@@ -313,7 +342,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if nxt is None:
                 nxt = node[part] = {}
             elif not isinstance(nxt, dict):
-                raise ConfigError([f"override '{item}': {part} is not a section"])
+                raise ConfigError([f"override '{printable(item)}': {printable(part)} is not a section"])
             node = nxt
         node[parts[-1]] = value
     return data

@@ -19,14 +19,16 @@ bytes are counted on (they differ when a detokenizer ran), and an optional domai
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .config import CorpusConfig
+from .config import CorpusConfig, printable
 from .errors import HarnessError
 from .files import existing_file, reading
 
@@ -101,8 +103,25 @@ def _offline() -> bool:
 
 
 def mirror_roots(cfg: CorpusConfig) -> list[Path]:
+    """The folders searched for a mirrored dataset, in order.
+
+    ``corpus.mirror`` is named by the config itself, so one that is not an existing folder is an
+    error: reading the dataset from another mirror instead would score text the config did not
+    name. ``$PPL_CORPUS_MIRROR`` and ``../shared/corpora`` are the environment's defaults (the
+    Makefile sets the variable whether or not the folder exists, and an online run needs no
+    mirror): one that is not a folder is skipped, and marked so in the error when no mirror holds
+    the dataset offline."""
+    if cfg.mirror is not None:
+        mirror = Path(cfg.mirror).expanduser()
+        if not cfg.mirror.strip() or not mirror.is_dir():
+            what = "is empty" if not cfg.mirror.strip() else (
+                "is a file, not a folder" if mirror.exists() else "names no folder (not found)")
+            raise HarnessError(
+                f"corpus.mirror: '{printable(cfg.mirror)}' {what}; set it to a folder holding "
+                "<id>/<config>/<split>.parquet, or remove the key to use $PPL_CORPUS_MIRROR"
+            )
     roots = [cfg.mirror, os.environ.get("PPL_CORPUS_MIRROR"), "../shared/corpora"]
-    return [Path(r) for r in roots if r]
+    return [Path(r).expanduser() for r in roots if r]
 
 
 def find_in_mirror(cfg: CorpusConfig) -> Path | None:
@@ -113,7 +132,7 @@ def find_in_mirror(cfg: CorpusConfig) -> Path | None:
             if not path.is_file():
                 splits = sorted(p.stem for p in base.glob("*.parquet"))
                 raise HarnessError(
-                    f"corpus.split: split '{cfg.split}' not found for {cfg.dataset}/{cfg.config} "
+                    f"corpus.split: split '{printable(cfg.split)}' not found for {cfg.dataset}/{cfg.config} "
                     f"in mirror {root}; available splits: {', '.join(splits) or 'none'}"
                 )
             return path
@@ -142,7 +161,7 @@ def source(cfg: CorpusConfig) -> Source:
     if mirrored is not None and (_offline() or cfg.mirror):
         return Source("mirror", mirrored)
     if _offline():
-        tried = ", ".join(str(r) for r in mirror_roots(cfg))
+        tried = ", ".join(str(r) if r.is_dir() else f"{r} (no such folder)" for r in mirror_roots(cfg))
         raise HarnessError(
             f"corpus.dataset: '{cfg.dataset}' ({cfg.config}) is not in the mirror ({tried}) and the hub is offline; "
             "set corpus.mirror or PPL_CORPUS_MIRROR to a folder holding <id>/<config>/<split>.parquet, or unset HF_DATASETS_OFFLINE"
@@ -160,8 +179,22 @@ def _mirrored_rows(path: Path, cfg: CorpusConfig):
         import datasets
     except ImportError:  # a GPU node may lack datasets: pyarrow reads the mirrored parquet as well
         return _parquet_rows(path, cfg)
-    with reading(path, "corpus.dataset", "Parquet file", "the mirror file is damaged; copy it again"):
+    with reading(path, "corpus.dataset", "Parquet file", "the mirror file is damaged; copy it again"), _quiet_datasets():
         return datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=cfg.streaming)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence the ``datasets`` library's own log while it reads: on a damaged file it logs the
+    error ("Failed to read schema from ...") and then raises it, and the raised error is already
+    turned into the one line the user sees."""
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _hub_rows(cfg: CorpusConfig, src: Source):

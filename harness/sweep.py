@@ -2,8 +2,9 @@
 
 ``ppl sweep CONFIG eval.max_length=256,512,1024 eval.stride=128,256`` runs every combination of
 the comma-separated values (the product of the swept fields); overrides without a comma are
-applied to every point. Every point's config is validated before the first one runs, so a typo
-in the third value fails at once instead of after an hour. A model is loaded once and reused by
+applied to every point. Every point's config and corpus source are validated before the first
+one runs, so a typo in the third value fails at once instead of after an hour; a point that still
+fails (e.g. a window longer than the model) leaves the finished points and no folder of its own. A model is loaded once and reused by
 the points that share its settings (only eval or corpus fields swept). The points' run folders
 go into one sweep folder, with ``sweep.csv``, ``sweep.png`` (perplexity against the first swept
 field, one line per combination of the others) and ``positions.png`` (mean NLL against the
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import RunConfig, load_config, parse_override
+from .config import RunConfig, load_config, parse_override, printable
 from .errors import HarnessError
 from .results import atomic_write_text, table_row
 
@@ -48,18 +49,32 @@ class Sweep:
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Fixed overrides, and swept key -> its raw values (in the order given)."""
+    """Fixed overrides, and swept key -> its raw values (in the order given).
+
+    A key swept twice, or swept and also fixed, is refused: one list would silently replace the
+    other. A value given twice is refused too: both points would write the same folder."""
     fixed, swept = [], {}
     for item in overrides:
         key, eq, raw = item.partition("=")
         if eq and _SPLIT.match(raw.strip()):
-            parse_override(item)  # the key's shape is checked like any override
+            name = ".".join(parse_override(item)[0])  # the key's shape is checked like any override
             values = [v.strip() for v in raw.split(",")]
             if any(v == "" for v in values):
-                raise HarnessError(f"sweep '{item}': empty value in the list; write KEY=V1,V2,...")
-            swept[key.strip()] = values
+                raise HarnessError(f"sweep '{printable(item)}': empty value in the list; write KEY=V1,V2,...")
+            if name in swept:
+                raise HarnessError(f"sweep: {printable(name)} is swept twice; give all its values in one list, "
+                                   f"e.g. {printable(name)}={','.join(swept[name] + values)}")
+            parsed = [(type(v), v) for v in (parse_override(f"{name}={v}")[1] for v in values)]  # true is not 1
+            twice = next((v for i, v in enumerate(values) if parsed[i] in parsed[:i]), None)
+            if twice is not None:
+                raise HarnessError(f"sweep '{printable(item)}': value {printable(twice)} is given twice; give each value once")
+            swept[name] = values
         else:
             fixed.append(item)
+    both = next((k for k in swept if any(".".join(parse_override(f)[0]) == k for f in fixed if "=" in f)), None)
+    if both is not None:
+        raise HarnessError(f"sweep: {printable(both)} is both swept and fixed; drop the fixed {printable(both)}=... "
+                           "or add its value to the swept list")
     return fixed, swept
 
 
@@ -81,7 +96,42 @@ def plan(config: str | Path, overrides: list[str], output_dir: str | Path | None
         cfg = load_config(config, fixed + [f"{k}={v}" for k, v in raw.items()])
         values = {k: parse_override(f"{k}={v}")[1] for k, v in raw.items()}
         points.append(SweepPoint(values, cfg, root / _label(raw)))
+    _check_points(points)
     return Sweep(root, list(swept), points)
+
+
+def _check_points(points: list[SweepPoint]) -> None:
+    """What can be checked without a model, for every point before the first runs: each corpus
+    source (a missing file, mirror or split), and that no two points share a run folder."""
+    from .corpus import source
+
+    folders: dict[Path, dict] = {}
+    for point in points:
+        source(point.config.corpus)
+        other = folders.setdefault(point.run_dir, point.values)
+        if other is not point.values:
+            raise HarnessError(f"sweep: points {printable(other)} and {printable(point.values)} would both write "
+                               f"{printable(point.run_dir.name)}; give values that differ")
+
+
+def _check_dir(root: Path) -> None:
+    """The sweep folder is new or empty, and a folder: a rerun never mixes its points with an
+    earlier sweep's (a failed sweep keeps its finished points; the failed point's folder is removed)."""
+    if root.exists() and not root.is_dir():
+        raise HarnessError(f"--output-dir {printable(root)} is a file, not a folder; choose another --output-dir")
+    if root.exists() and any(root.iterdir()):
+        raise HarnessError(f"sweep folder {printable(root)} is not empty (it holds an earlier sweep's runs); "
+                           "remove it or choose another --output-dir")
+
+
+def _remove_empty(folder: Path, stop: Path | None) -> None:
+    """Remove ``folder`` and then its parents up to ``stop`` (inclusive), each only while empty."""
+    for path in [folder, *folder.parents]:
+        if not path.is_dir() or any(path.iterdir()):
+            return
+        path.rmdir()
+        if stop is None or path == stop:
+            return
 
 
 def run_sweep(sweep: Sweep, *, progress: bool = True, model=None, tokenizer=None) -> Sweep:
@@ -91,8 +141,9 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, model=None, tokenizer=None
     from .plots import plot_positions, plot_sweep
     from .runner import run
 
-    if sweep.dir.exists() and any(sweep.dir.iterdir()):
-        raise HarnessError(f"sweep folder {sweep.dir} is not empty; choose another --output-dir")
+    _check_dir(sweep.dir)
+    # the topmost folder this sweep creates: removed again, while empty, if the first point fails
+    made = next((p for p in reversed([sweep.dir, *sweep.dir.parents]) if not p.exists()), None)
     pool = ModelPool()  # one model in memory at a time
 
     def models(point: SweepPoint) -> dict:
@@ -104,7 +155,11 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, model=None, tokenizer=None
 
     positions = {}
     for point in sweep.points:
-        result = run(point.config, point.run_dir, **models(point), progress=progress)
+        try:
+            result = run(point.config, point.run_dir, **models(point), progress=progress)
+        except BaseException:  # a point that wrote nothing leaves no folder behind
+            _remove_empty(point.run_dir, made)
+            raise
         point.record = result.record
         if result.positions is not None:
             positions[_label(point.values)] = result.positions

@@ -160,3 +160,61 @@ def test_run_id_is_a_name_not_a_path(run_id, tmp_path):
     cfg = validate({**GOOD, "output": {"dir": str(tmp_path / "results"), "run_id": "smol-2024.v1"}})
     name = record_run_id(cfg, None, "0" * 64, None)
     assert (tmp_path / "results" / name).resolve().parent == (tmp_path / "results").resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys that look like pydantic's union tags, and keys with control characters
+
+
+@pytest.mark.parametrize("name", ["none", "str", "int", "bool", "float"])
+def test_keys_named_like_types_are_unknown_keys(name):
+    """pydantic puts type names ('int', 'none') in an error's location after a union field; a key
+    the user wrote with such a name is still that key, at the top level and inside a section."""
+    top = "name, model, baseline_model, corpus, eval, output"
+    for data, expected in [
+        ({**GOOD, name: 3}, f"invalid config: {name}: unknown key (valid keys: {top})"),
+        ({**GOOD, "eval": {**GOOD["eval"], name: 3}}, f"invalid config: eval.{name}: unknown key ("),
+        (apply_overrides(GOOD, [f"{name}=3"]), f"invalid config: {name}: unknown key (valid keys: {top})"),
+        (apply_overrides(GOOD, [f"eval.{name}=3"]), f"invalid config: eval.{name}: unknown key ("),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            validate(data)
+        assert str(err.value).startswith(expected) and "\n" not in str(err.value), str(err.value)
+        assert "did you mean 'eval'?" not in str(err.value)  # a hint names a real field of eval, e.g. str -> stride
+    # a real union field's tags are still dropped from its key
+    with pytest.raises(ConfigError, match=r"invalid config: eval.batch_size: Input should be a valid integer.*\(got 'x'\)$"):
+        validate(apply_overrides(GOOD, ["eval.batch_size=x"]))
+
+
+def test_keys_and_values_with_newlines_stay_on_one_line(tmp_path):
+    """A newline (or another control character) in a key or a quoted value is escaped as ``\\n``."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "eval": {**GOOD["eval"], "str\nide": 3}}))
+    cases = [
+        (lambda: load_config(path), "eval.str\\nide: unknown key (did you mean 'eval.stride'?)"),
+        (lambda: load_config(tmp_path / "c.yaml", ["eval.max\tlen=3"]), "eval.max\\tlen: unknown key"),
+        (lambda: validate(apply_overrides(GOOD, ["eval.str\nide=3"])), "eval.str\\nide: unknown key (did you mean 'eval.stride'?)"),
+        (lambda: validate(apply_overrides(GOOD, ["eval.stride\n"])), "override 'eval.stride\\n': expected KEY=VALUE"),
+        (lambda: validate(apply_overrides(GOOD, ["model.device=a\u2028b"])), "model.device: must be auto, cpu"),
+        (lambda: validate(apply_overrides(GOOD, ["model.device_map=auto", 'model.max_memory={"a\\nb": 1}'])),
+         "model.max_memory: device 'a\\nb' must be a GPU index"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(ConfigError) as err:
+            call()
+        msg = str(err.value)
+        assert expected in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_cli_type_named_and_newline_keys_are_one_line(tmp_path):
+    from .test_errors import assert_one_line_error, cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "none": 3}))
+    proc = cli("validate", str(path))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "none: unknown key (valid keys: name, model,")
+    path.write_text(yaml.safe_dump({**GOOD, "eval": {"str\nide": 3}}))
+    proc = cli("validate", str(path))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert_one_line_error(proc, "eval.str\\nide: unknown key (did you mean 'eval.stride'?)")

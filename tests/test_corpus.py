@@ -135,3 +135,48 @@ def test_cli_bad_parquet_exits_2_with_one_line(tmp_path, tiny):
     assert proc.returncode == 2
     assert_one_line_error(proc, "corpus.path", "is a folder")
     assert_nothing_written(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mirror: an explicit corpus.mirror must exist; a damaged mirror file is one line
+
+
+def test_explicit_mirror_must_be_a_folder(tmp_path, monkeypatch):
+    """corpus.mirror naming a missing folder or a file is an error (never read from another
+    mirror instead); $PPL_CORPUS_MIRROR naming a missing folder is skipped, and marked as such."""
+    (tmp_path / "file").write_text("x")
+    for mirror, what in [(str(tmp_path / "nope"), "names no folder (not found)"), (str(tmp_path / "file"), "is a file, not a folder"),
+                         ("", "is empty"), ("a\nb", "names no folder")]:
+        with pytest.raises(HarnessError) as err:
+            load_documents(CorpusConfig(**WIKITEXT, mirror=mirror))
+        msg = str(err.value)
+        assert msg.startswith("corpus.mirror: ") and what in msg and "\n" not in msg, msg
+    assert "'a\\nb'" in msg
+    # a corpus.path config never looks at the mirror
+    (tmp_path / "c.txt").write_text("some text")
+    assert load_documents(CorpusConfig(path=str(tmp_path / "c.txt"), mirror=str(tmp_path / "nope")))[0].text == "some text"
+    monkeypatch.setenv("PPL_CORPUS_MIRROR", str(tmp_path / "gone"))
+    monkeypatch.chdir(tmp_path)  # no ../shared/corpora from here
+    with pytest.raises(HarnessError, match=r"not in the mirror \(.*gone \(no such folder\), \.\./shared/corpora \(no such folder\)\)"):
+        load_documents(CorpusConfig(**WIKITEXT))
+    assert len(load_documents(CorpusConfig(**WIKITEXT, mirror=str(MIRROR), max_documents=3))) == 3
+
+
+@pytest.mark.parametrize("content", [b"junk", b""])
+def test_cli_damaged_mirror_parquet_is_one_line(tmp_path, tiny, content):
+    """A damaged mirrored parquet ends in the one error line; the datasets library's own log line
+    ('Failed to read schema from ...') is not printed."""
+    from .test_errors import assert_nothing_written, assert_one_line_error, cli, write_config
+
+    folder, _, _ = tiny
+    split = tmp_path / "mirror" / WIKITEXT["dataset"] / WIKITEXT["config"] / "test.parquet"
+    split.parent.mkdir(parents=True)
+    split.write_bytes(content)
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.yaml", {"model": {"name_or_path": str(folder), "device": "cpu"},
+                                             "corpus": {**WIKITEXT, "mirror": str(tmp_path / "mirror")}})
+    proc = cli("run", str(cfg), "-o", str(results / "r"), "--no-progress")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "corpus.dataset", str(split), "not a valid Parquet file", "copy it again")
+    assert "Failed to read schema" not in proc.stderr + proc.stdout, proc.stderr
+    assert_nothing_written(results)

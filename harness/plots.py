@@ -22,11 +22,19 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    """The figure as a PNG, rendered in memory first and written atomically: a figure that fails
+    to render leaves no file, and a reader never sees half of one."""
+    import io
+
+    from .results import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        _pyplot().close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def plot_compare(table: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from .charts import Chart, interval_bars, line_chart
 from .compare import NOTE, TOKENIZER_DEPENDENT, Run, _get, comparable_fields, unique_labels
 from .errors import HarnessError
 from .files import writable_output
-from .results import RECORD, WINDOWS, atomic_write_text, read_record, table_row
+from .results import RECORD, WINDOWS, atomic_write_text, read_frame, read_record, table_row
 from .summary import fmt, fmt_ci, fmt_cell, precision, sort_value, summary_rows
 
 POSITIONS = "positions.parquet"
@@ -74,30 +74,24 @@ def find_run_dirs(specs: list[str | Path]) -> tuple[list[Path], list[Path]]:
     return runs, roots
 
 
-def _load_record(d: Path) -> dict:
-    try:
-        record = read_record(d)
-    except (OSError, ValueError) as err:
-        raise HarnessError(f"cannot read {d / RECORD}: {err}; re-run that config or remove the folder") from None
-    if not isinstance(record, dict) or "perplexity" not in record:
-        raise HarnessError(f"{d / RECORD} is not a result record (no perplexity); remove it or give another folder")
-    return record
-
-
 def _parquet(path: Path) -> pd.DataFrame | None:
-    if not path.is_file():
-        return None
-    try:
-        return pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
-        raise HarnessError(f"cannot read {path}: {str(err).splitlines()[0]}; re-run that config or remove the file") from None
+    return read_frame(path) if path.is_file() else None
+
+
+# the columns of compare.csv and sweep.csv the page draws, numbers where present
+CSV_NUMBERS = ("perplexity", "ci95_low", "ci95_high", "bits_per_byte", "delta_ppl", "delta_ci95_low", "delta_ci95_high", "scored_tokens")
 
 
 def _csv(path: Path) -> pd.DataFrame:
+    fix = "re-run the command that wrote it or remove it"
     try:
-        return pd.read_csv(path)
+        t = pd.read_csv(path)
     except Exception as err:
-        raise HarnessError(f"cannot read {path}: {str(err).splitlines()[0]}; re-run the command that wrote it or remove it") from None
+        raise HarnessError(f"cannot read {path}: {str(err).splitlines()[0]}; {fix}") from None
+    for col in CSV_NUMBERS:
+        if col in t.columns and not pd.api.types.is_numeric_dtype(t[col]):
+            raise HarnessError(f"{path}: column '{col}' holds text where numbers belong; {fix}")
+    return t
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -341,7 +335,7 @@ class Report:
 def build(specs: list[str | Path], output: Path | None = None) -> Report:
     """Read the records at ``specs`` and render the page (nothing is written)."""
     run_dirs, roots = find_run_dirs(specs)
-    runs = [Run(d, _load_record(d)) for d in run_dirs]
+    runs = [Run(d, read_record(d)) for d in run_dirs]
     unique_labels(runs)
     base = Path(output).parent if output else Path.cwd()
     views = [_run_view(i, run, base) for i, run in enumerate(runs, 1)]

@@ -16,10 +16,16 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Any, Iterator, Optional
 
+import numpy as np
 import pandas as pd
+import pydantic
+
+from . import files
+from .errors import HarnessError, HarnessWarning
 
 RECORD = "result.json"
 WINDOWS = "windows.parquet"
@@ -90,19 +96,108 @@ def write_frame(path: Path, frame: pd.DataFrame) -> None:
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading records and their frames back: a damaged or foreign file is one line, never a traceback
+
+RECORD_FIX = "re-run that config or remove its folder"
+Number = Annotated[float, pydantic.Field(allow_inf_nan=False)]
+Section = Optional[dict]
+
+
+class _Config(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+    model: dict
+    corpus: dict
+
+
+class _Record(pydantic.BaseModel):
+    """The fields of ``result.json`` that the tables, ``compare``, ``report`` and ``show`` read,
+    with their types (the record holds more; those are not checked)."""
+
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+    run_id: str
+    perplexity: Number
+    config: _Config
+    protocol: dict
+    name: Optional[str] = None
+    created: Optional[str] = None
+    config_hash: Optional[str] = None
+    ci95: Optional[Annotated[list[Optional[Number]], pydantic.Field(min_length=2, max_length=2)]] = None
+    scored_tokens: Optional[int] = None
+    windows: Optional[int] = None
+    batch_size: Optional[int] = None
+    world_size: Optional[int] = None
+    peak_memory_bytes: Optional[int] = None
+    bits_per_byte: Optional[Number] = None
+    byte_perplexity: Optional[Number] = None
+    word_perplexity: Optional[Number] = None
+    tokens_per_second: Optional[Number] = None
+    wall_seconds: Optional[Number] = None
+    precision: Section = None
+    tokenizer: Section = None
+    corpus: Section = None
+    model: Section = None
+    domains: Section = None
+    conditional: Section = None
+    kl: Section = None
+    versions: Optional[dict[str, Any]] = None
+
+
 def read_record(path: Path) -> dict:
+    """The record in ``path`` (a run folder or its ``result.json``); one line where it is missing,
+    is not JSON, or lacks a field the views read or holds it with another type."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORD
-    return json.loads(path.read_text(encoding="utf-8"))
+    data = files.json_file(path, "record", "result record", RECORD_FIX)
+    try:
+        _Record.model_validate(data)
+    except pydantic.ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        raise HarnessError(f"{path} is not a result record of this harness ({where}: {e['msg'].lower()}); {RECORD_FIX}") from None
+    return data
 
 
 def iter_records(root: Path) -> Iterator[tuple[Path, dict]]:
+    """Every readable record under ``root``; a damaged one is skipped with a one-line warning (a
+    table over many runs still gets written; ``compare`` and ``report`` of that run refuse it)."""
     for path in sorted(Path(root).glob(f"*/{RECORD}")):
         try:
             yield path, read_record(path)
-        except (OSError, json.JSONDecodeError):
-            continue  # a record being written right now, or not ours
+        except HarnessError as err:
+            warnings.warn(f"skipped {err}", HarnessWarning, stacklevel=2)
+
+
+# the columns each frame of a run folder must have for the views, by kind: "int", "number", "text"
+FRAMES = {
+    WINDOWS: {"index": "int", "doc": "int", "begin": "int", "end": "int", "score_begin": "int", "score_end": "int",
+              "sum_nll": "number", "tokens": "int"},
+    "positions.parquet": {"position": "int", "sum_nll": "number", "count": "int"},
+    "samples.parquet": {"sample": "int", "target_tokens": "int", "target_nll": "number"},
+}
+
+
+def read_frame(path: Path, key: str = "record", fix: str = RECORD_FIX, also: dict | None = None) -> pd.DataFrame:
+    """A run folder's Parquet frame (``FRAMES`` names its columns, ``also`` more a caller needs);
+    one line where the file does not parse, lacks a column, holds one of another kind, a
+    non-finite number, or no rows."""
+    path = Path(path)
+    files.existing_file(path, key, "Parquet file", fix)
+    with files.reading(path, key, "Parquet file", fix):
+        frame = pd.read_parquet(path)
+    kinds = {"int": pd.api.types.is_integer_dtype, "number": pd.api.types.is_numeric_dtype,
+             "text": lambda s: pd.api.types.is_string_dtype(s) or pd.api.types.is_object_dtype(s)}
+    for col, kind in {**FRAMES.get(path.name, {}), **(also or {})}.items():
+        if col not in frame.columns:
+            raise HarnessError(f"{key}: {path} has no column '{col}'; {fix}")
+        if not kinds[kind](frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
+            raise HarnessError(f"{key}: {path}: column '{col}' holds {frame[col].dtype}, not {kind}s; {fix}")
+        if kind != "text" and not np.isfinite(frame[col].to_numpy(dtype=float)).all():
+            raise HarnessError(f"{key}: {path}: column '{col}' holds a value that is not a finite number; {fix}")
+    if frame.empty:
+        raise HarnessError(f"{key}: {path} has no rows; {fix}")
+    return frame
 
 
 def _corpus_label(cfg: dict) -> str:
@@ -169,6 +264,10 @@ def locked(root: Path):
 def write_table(root: Path) -> tuple[Path, Path]:
     """Rebuild ``table.csv`` and ``table.md`` from every record under ``root``."""
     root = Path(root)
+    for target in (root / "table.csv", root / "table.md"):
+        if target.is_dir():
+            raise HarnessError(f"cannot write {target}: a folder is in its place; remove it (the table is rebuilt from the records)")
+    files.writable_folder(root, "results folder", root / "table.csv")
     with locked(root):
         frame = table(root)
         csv_path, md_path = root / "table.csv", root / "table.md"

@@ -27,7 +27,7 @@ def chromium() -> str:
 def screenshot(page: Path, png: Path, width: int = 1400, height: int = 2000, timeout: float = 120) -> Path:
     """A PNG of the top ``height`` pixels of ``page`` rendered by headless Chromium, written atomically."""
     png = Path(png)
-    writable_output(png)
+    writable_output(png, "--screenshot", "report.png", suffix=".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
     os.close(fd)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import files
 from .errors import HarnessError
-from .files import reading
-from .results import RECORD, WINDOWS, read_record
+from .results import RECORD, WINDOWS, read_frame, read_record
 
 
 def _short(text: str, width: int) -> str:
@@ -25,8 +25,7 @@ def _short(text: str, width: int) -> str:
 
 
 def worst_samples(run_dir: Path, n: int) -> pd.DataFrame:
-    with reading(run_dir / "samples.parquet", "show", "Parquet file", "re-run the config"):
-        s = pd.read_parquet(run_dir / "samples.parquet")
+    s = read_frame(run_dir / "samples.parquet", "show", "re-run the config", also={"prompt": "text", "target": "text"})
     s = s.assign(mean_nll=s.target_nll / s.target_tokens)
     return s.sort_values("mean_nll", ascending=False).head(n)[
         ["sample", "target_tokens", "mean_nll", "target_perplexity", "prompt", "target"]]
@@ -38,8 +37,9 @@ def worst_windows(run_dir: Path, record: dict, n: int, tokenizer=None) -> pd.Dat
     from .models import adds_bos, load_tokenizer
     from .tokenization import tokenized_corpus
 
-    with reading(run_dir / WINDOWS, "show", "Parquet file", "re-run the config with output.save_windows: true"):
-        w = pd.read_parquet(run_dir / WINDOWS)
+    w = read_frame(run_dir / WINDOWS, "show", "re-run the config with output.save_windows: true")
+    if (w.tokens <= 0).any():
+        raise HarnessError(f"show: {run_dir / WINDOWS} has a window of no scored tokens; re-run the config")
     w = w.assign(mean_nll=w.sum_nll / w.tokens).sort_values("mean_nll", ascending=False).head(n)
     cfg = validate(record["config"])
     tokenizer = tokenizer or load_tokenizer(cfg.model)
@@ -47,6 +47,8 @@ def worst_windows(run_dir: Path, record: dict, n: int, tokenizer=None) -> pd.Dat
     if corpus.text_sha256 != record["corpus"]["text_sha256"]:
         raise HarnessError(f"show: the corpus named in {run_dir / RECORD} has changed since the run (text hash differs); the text cannot be shown")
     streams = corpus.streams
+    if not all(0 <= d < len(streams) and 0 <= a <= b <= len(streams[d].ids) for d, a, b in zip(w.doc, w.score_begin, w.score_end)):
+        raise HarnessError(f"show: {run_dir / WINDOWS} names spans its record's corpus does not have; re-run the config")
     text = [tokenizer.decode(list(streams[d].ids[a:b])) for d, a, b in zip(w.doc, w.score_begin, w.score_end)]
     return w.assign(text=text)[["index", "doc", "score_begin", "score_end", "tokens", "mean_nll", "text"]]
 
@@ -54,9 +56,11 @@ def worst_windows(run_dir: Path, record: dict, n: int, tokenizer=None) -> pd.Dat
 def worst(path: str | Path, n: int = 20, tokenizer=None) -> tuple[str, pd.DataFrame]:
     """("samples" or "windows", the ``n`` hardest with their text) for the run at ``path``."""
     run_dir = Path(path)
+    if run_dir.is_file() and run_dir.name != RECORD:
+        raise HarnessError(f"show: {run_dir} is not a run folder or its {RECORD}; give one of those")
     run_dir = run_dir.parent if run_dir.name == RECORD else run_dir
-    with reading(run_dir / RECORD, "show", "result record", "give a run folder or its result.json"):
-        record = read_record(run_dir)
+    files.existing_file(run_dir / RECORD, "show", "result record", "give a run folder or its result.json")
+    record = read_record(run_dir)
     if (run_dir / "samples.parquet").is_file():
         return "samples", worst_samples(run_dir, n)
     if not (run_dir / WINDOWS).is_file():

@@ -358,11 +358,11 @@ def test_bad_input_one_line_exit_2(folder, tmp_path, case):
         broken = tmp_path / "broken"
         shutil.copytree(res / "tiny-s16", broken / "tiny-s16")
         (broken / "tiny-s16" / "result.json").write_text('{"perplexity": 3.0, ')
-        args, expect = [str(broken)], "cannot read"
+        args, expect = [str(broken)], "is not a valid result record (JSONDecodeError"
     elif case == "not-a-folder":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "report.html"
-        args, expect = [str(res / "tiny-s16")], "not a writable folder"
+        args, expect = [str(res / "tiny-s16")], "is a file, not a folder"
     else:
         out = tmp_path
         args, expect = [str(res / "tiny-s16")], "is a folder"

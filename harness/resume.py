@@ -114,7 +114,8 @@ def _decode(line: bytes, n_windows: int, plan: list[Window] | None = None) -> Fi
     r = WindowRecord(**row)
     if r.index >= n_windows:
         raise ValueError(f"window index {r.index} is not in this run's plan of {n_windows} windows")
-    if not r.begin <= r.score_begin <= r.score_end <= r.end:
+    # the input [begin, end) predicts the tokens after each of its positions: t[end] is a target too
+    if not r.begin <= r.score_begin <= r.score_end <= r.end + 1:
         raise ValueError(f"window {r.index}: spans out of order (begin, score_begin, score_end, end)")
     if not r.tokens == r.score_end - r.score_begin == len(nlls):
         raise ValueError(

@@ -205,7 +205,8 @@ def load_tokenizer(cfg: ModelConfig):
             return AutoTokenizer.from_pretrained(src.tokenizer, **kwargs)
     except (OSError, ValueError) as err:  # ValueError: a folder with no tokenizer files transformers can use
         hint = "" if cfg.tokenizer or src.gguf_file else " (give model.tokenizer, or model.gguf_file for a GGUF model)"
-        raise HarnessError(f"model.tokenizer: cannot load a tokenizer from '{src.tokenizer}': {files.first_line(err, 300)}{hint}") from None
+        why = " ".join(str(err).split())[:300] or type(err).__name__  # its first line may end in "one of:"
+        raise HarnessError(f"model.tokenizer: cannot load a tokenizer from '{src.tokenizer}': {why}{hint}") from None
 
 
 def _load_kwargs(cfg: ModelConfig, src: ModelSource, device: str) -> dict:

@@ -147,7 +147,7 @@ def read_record(path: Path) -> dict:
     """The record in ``path`` (a run folder or its ``result.json``); one line where it is missing,
     is not JSON, or lacks a field the views read or holds it with another type."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and path.name != RECORD:  # a run folder (a folder named result.json is refused below)
         path = path / RECORD
     data = files.json_file(path, "record", "result record", RECORD_FIX)
     try:
@@ -162,7 +162,8 @@ def read_record(path: Path) -> dict:
 def iter_records(root: Path) -> Iterator[tuple[Path, dict]]:
     """Every readable record under ``root``; a damaged one is skipped with a one-line warning (a
     table over many runs still gets written; ``compare`` and ``report`` of that run refuse it)."""
-    for path in sorted(Path(root).glob(f"*/{RECORD}")):
+    runs = sorted(d for d in Path(root).iterdir() if d.is_dir()) if Path(root).is_dir() else []
+    for path in (d / RECORD for d in runs if os.path.lexists(d / RECORD)):  # a dangling link too: it is named
         try:
             yield path, read_record(path)
         except HarnessError as err:

@@ -41,10 +41,13 @@ def worst_windows(run_dir: Path, record: dict, n: int, tokenizer=None) -> pd.Dat
     if (w.tokens <= 0).any():
         raise HarnessError(f"show: {run_dir / WINDOWS} has a window of no scored tokens; re-run the config")
     w = w.assign(mean_nll=w.sum_nll / w.tokens).sort_values("mean_nll", ascending=False).head(n)
+    want = (record.get("corpus") or {}).get("text_sha256")
+    if not want:
+        raise HarnessError(f"show: {run_dir / RECORD} has no corpus.text_sha256 to check the text against; re-run the config")
     cfg = validate(record["config"])
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     corpus = tokenized_corpus(cfg.corpus, tokenizer, protocols.resolve_corpus(cfg, adds_bos(tokenizer)))
-    if corpus.text_sha256 != record["corpus"]["text_sha256"]:
+    if corpus.text_sha256 != want:
         raise HarnessError(f"show: the corpus named in {run_dir / RECORD} has changed since the run (text hash differs); the text cannot be shown")
     streams = corpus.streams
     if not all(0 <= d < len(streams) and 0 <= a <= b <= len(streams[d].ids) for d, a, b in zip(w.doc, w.score_begin, w.score_end)):

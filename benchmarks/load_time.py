@@ -1,6 +1,7 @@
 """What ``harness/gguf_reading.py`` gives: loading a GGUF model's tokenizer and weights as a run
-does, with the file parsed once by the harness's reader, and as transformers alone does it (three
-parses by the ``gguf`` package's reader), each load in a fresh process, in turn.
+does (the file parsed once by the harness's reader, transformers' slow steps made quick), and as
+transformers alone does it (three parses by the ``gguf`` package's reader), each load in a fresh
+process, in turn.
 
     python benchmarks/load_time.py [--models smollm2 gemma3] [--repeats 2]
 

@@ -222,13 +222,38 @@ def quantize(model, method: str):
 
 
 def max_positions(model) -> int | None:
-    cfg = getattr(model, "config", None)
+    return config_positions(getattr(model, "config", None))
+
+
+def config_positions(cfg) -> int | None:
+    """The maximum positions a transformers config states (None where it states none)."""
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(text_cfg, attr, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def stated_positions(cfg: ModelConfig) -> int | None:
+    """The model's maximum positions from its config alone, no weights loaded (a GGUF file's
+    header: under a second), for checks made before any model loads (a sweep's points). None
+    where the config does not load: the run that loads the model then says why."""
+    from transformers import AutoConfig
+
+    try:
+        if cfg.random_init:
+            return config_positions(AutoConfig.from_pretrained(str(Path(cfg.name_or_path).expanduser())))
+        src = resolve(cfg)
+        kwargs = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
+        if src.gguf_file:
+            kwargs["gguf_file"] = src.gguf_file
+        with _gguf_parse(src, "model.gguf_file"):
+            return config_positions(AutoConfig.from_pretrained(src.folder, **kwargs))
+    except (OSError, ValueError, KeyError, HarnessError):
+        return None
+    finally:
+        gguf_reading.release()
 
 
 def describe_tokenizer(tokenizer) -> dict:

@@ -124,6 +124,25 @@ def _check_dir(root: Path) -> None:
                            "remove it or choose another --output-dir")
 
 
+def _check_lengths(points: list[SweepPoint], model=None) -> None:
+    """Every point's ``eval.max_length`` fits its model's positions, checked before the first
+    point runs (from each model's config, read without its weights), so that a value too large
+    refuses the sweep instead of failing it after the points before it were written."""
+    from .models import max_positions, model_key, stated_positions
+
+    limits: dict[str, int | None] = {}
+    for point in points:
+        length, key = point.config.eval.max_length, model_key(point.config.model)
+        if length is None:
+            continue
+        if key not in limits:
+            limits[key] = max_positions(model) if model is not None else stated_positions(point.config.model)
+        if (limit := limits[key]) and length > limit:
+            where = printable(", ".join(f"{k}={v}" for k, v in point.values.items()))
+            raise HarnessError(f"sweep point {where}: eval.max_length: {length} is larger than the model's {limit} "
+                               f"positions; sweep values <= {limit} (no point has run)")
+
+
 def _remove_empty(folder: Path, stop: Path | None) -> None:
     """Remove ``folder`` and then its parents up to ``stop`` (inclusive), each only while empty."""
     for path in [folder, *folder.parents]:
@@ -142,6 +161,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, model=None, tokenizer=None
     from .runner import run
 
     _check_dir(sweep.dir)
+    _check_lengths(sweep.points, model)
     # the topmost folder this sweep creates: removed again, while empty, if the first point fails
     made = next((p for p in reversed([sweep.dir, *sweep.dir.parents]) if not p.exists()), None)
     pool = ModelPool()  # one model in memory at a time

@@ -217,22 +217,60 @@ def test_sweep_output_dir_that_is_a_file(tiny, tiny_corpus, tmp_path):
     assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "tiny.yaml"]
 
 
-def test_failed_point_leaves_no_folder(tiny, tiny_corpus, tmp_path):
-    """A point that fails at run time (max_length beyond the model's 512 positions) leaves the
-    finished points and no folder of its own; a rerun into the folder says what to do."""
+def test_sweep_checks_every_length_first(tiny, tiny_corpus, tmp_path):
+    """A swept eval.max_length beyond the model's positions (512) refuses the sweep before the
+    first point runs, read from the model's config (no weights loaded) or from the model passed
+    in; through the CLI one line, exit 2, nothing written."""
+    from tests.test_errors import assert_one_line_error, cli
+
     folder, model, tok = tiny
     cfg = _config_file(tmp_path, folder, tiny_corpus)
     out = tmp_path / "sweep"
-    sweep = plan(cfg, ["eval.max_length=16,1024", "eval.bootstrap=0"], out)
-    with pytest.raises(HarnessError, match="eval.max_length: 1024 is larger than the model's 512 positions"):
+    said = ("sweep point eval.max_length=1024, eval.bos=stream: eval.max_length: 1024 is larger than the model's 512 "
+            "positions; sweep values <= 512 (no point has run)")
+    for given in ({"model": model, "tokenizer": tok}, {}):
+        with pytest.raises(HarnessError) as err:
+            run_sweep(plan(cfg, ["eval.max_length=16,1024", "eval.bos=stream,none"], out), progress=False, **given)
+        assert str(err.value) == said and not out.exists()
+    proc = cli("sweep", cfg, "eval.max_length=16,1024", "eval.bos=stream,none", "--output-dir", str(out), "--no-progress")
+    assert proc.returncode == 2 and not out.exists()
+    assert_one_line_error(proc, said)
+
+
+def test_stated_positions_read_without_the_weights(smollm2, tiny):
+    """The config-only read the sweep's check uses gives what the loaded model states: the real
+    SmolLM2 GGUF (its header) and a transformers folder; None where no config loads."""
+    from harness.config import ModelConfig
+    from harness.models import max_positions, stated_positions
+
+    from .conftest import SMOLLM2
+
+    model, _ = smollm2
+    assert stated_positions(ModelConfig(**SMOLLM2)) == max_positions(model) == 8192
+    folder, tiny_model, _ = tiny
+    assert stated_positions(ModelConfig(name_or_path=str(folder))) == max_positions(tiny_model) == 512
+    assert stated_positions(ModelConfig(name_or_path=str(folder / "nowhere"))) is None
+
+
+def test_failed_point_leaves_no_folder(tiny, tiny_corpus, tmp_path):
+    """A point that fails at run time (llama.cpp's protocol needs two chunks of eval.max_length
+    tokens, more than the 600 tokens read at 512) leaves the finished points and no folder of its own;
+    a rerun into the folder says what to do."""
+    folder, model, tok = tiny
+    cfg = _config_file(tmp_path, folder, tiny_corpus)
+    out = tmp_path / "sweep"
+    short = ["eval.protocol=llamacpp", "eval.bos=none", "corpus.max_tokens=600"]
+    sweep = plan(cfg, ["eval.max_length=16,512", "eval.bootstrap=0", *short], out)
+    with pytest.raises(HarnessError, match=r"^corpus: .*\(eval.max_length is ctx\); use more text or a smaller eval.max_length$"):
         run_sweep(sweep, progress=False, model=model, tokenizer=tok)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["max_length=16"]
     assert (out / "max_length=16" / "result.json").is_file() and not (out / "sweep.csv").exists()
     with pytest.raises(HarnessError) as err:
-        run_sweep(plan(cfg, ["eval.max_length=16,1024"], out), progress=False, model=model, tokenizer=tok)
+        run_sweep(plan(cfg, ["eval.max_length=16,512"], out), progress=False, model=model, tokenizer=tok)
     assert str(err.value) == f"sweep folder {out} is not empty (it holds an earlier sweep's runs); remove it or choose another --output-dir"
     # the first point fails: every folder the sweep made is removed again
     first = tmp_path / "new" / "sweep"
-    with pytest.raises(HarnessError, match="eval.max_length: 1024"):
-        run_sweep(plan(cfg, ["eval.max_length=1024,16"], first), progress=False, model=model, tokenizer=tok)
+    with pytest.raises(HarnessError, match="eval.max_length is ctx"):
+        run_sweep(plan(cfg, ["eval.max_length=512,16", *short], first),
+                  progress=False, model=model, tokenizer=tok)
     assert not (tmp_path / "new").exists()

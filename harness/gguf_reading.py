@@ -21,7 +21,9 @@ slice of a ``numpy.memmap``: 6 s a parse for SmolLM2 and 26 s for Gemma-3 on a 2
 
 The fields, tensors, values and names are the library's, element for element
 (``tests/test_gguf_reading.py`` compares them on the real SmolLM2 file and on a file holding
-every kind of value, in both byte orders; a file cut short fails with the library's error).
+every kind of value, in both byte orders). An array that cannot fit in the rest of the file (cut
+short, or its count damaged) fails at once, naming the array; the library's reader walks such a
+count element by element past the end of the file, for ever where the count is large.
 Where a transformers or gguf version lacks a function replaced here, it is left alone.
 
 The reader maps the file; ``release()`` drops it once the weights are loaded, so a run does not
@@ -85,10 +87,14 @@ def reader_class() -> type:
 def _array_parts(reader, orig_offs: int, np):
     """An array field's ``(size, parts, data indices, types)`` as ``GGUFReader._get_field_parts``
     gives them (one part per number, a length and a bytes part per string), or None where the
-    library's own walk should answer: an empty array, an array of arrays or of an unknown type,
-    or one that runs past the end of the file (whose error is then the library's). The library recurses once per element, a ``_get``
-    slice each time (Gemma-3's 262,144-token vocabulary: 9 s); here a string's length is read by
-    ``struct`` and a number's part is a one-element slice of the array's view."""
+    library's own walk should answer (an empty array, an array of an unknown type).
+
+    The library recurses once per element, a ``_get`` slice each time (Gemma-3's 262,144-token
+    vocabulary: 9 s); here a string's length is read by ``struct`` and a number's part is a
+    one-element slice of the array's view. An array that cannot fit in the rest of the file (cut
+    short, or a damaged count) is a ``ValueError`` saying so: the library walks such a count to
+    its end, element by element past the end of the file (an array of numbers that ends where the
+    file does: 17 s and no error for a count of a million, for ever for a larger one)."""
     import struct
     import sys
 
@@ -103,6 +109,10 @@ def _array_parts(reader, orig_offs: int, np):
     if count == 0 or int(raw_itype[0]) not in GGUFValueType._value2member_map_:
         return None
     itype = GGUFValueType(raw_itype[0])
+    nptype = reader.gguf_scalar_to_np.get(itype)
+    least = np.dtype(nptype).itemsize if nptype is not None else 8 if itype == GGUFValueType.STRING else 12
+    if offs + least * count > end:
+        raise _past_end(count, itype, orig_offs, end)
     parts, types = [raw_itype, alen], [GGUFValueType.ARRAY, itype]
     if itype == GGUFValueType.STRING:
         little = (sys.byteorder == "little") == (reader.byte_order == "I")
@@ -110,16 +120,20 @@ def _array_parts(reader, orig_offs: int, np):
         u64 = np.dtype(np.uint64).newbyteorder(reader.byte_order)  # what ``_get`` makes
         for _ in range(count):
             if offs + 8 > end or offs + 8 + (n := length.unpack_from(plain, offs)[0]) > end:
-                return None
+                raise _past_end(count, itype, orig_offs, end)
             parts += plain[offs : offs + 8].view(u64), plain[offs + 8 : offs + 8 + n]
             offs += 8 + n
         return offs - orig_offs, parts, list(range(3, 2 + 2 * count, 2)), types
-    nptype = reader.gguf_scalar_to_np.get(itype)
-    if nptype is None or offs + np.dtype(nptype).itemsize * count > end:
-        return None
+    if nptype is None:
+        return None  # an array of arrays: the library's walk (each element checked as it goes)
     values = reader._get(offs, nptype, count)
     parts += (values[i : i + 1] for i in range(count))
     return offs + values.nbytes - orig_offs, parts, list(range(2, 2 + count)), types
+
+
+def _past_end(count: int, itype, offset: int, end: int) -> ValueError:
+    return ValueError(f"the metadata array of {count:,} {itype.name.lower()} values at byte {offset:,} runs past "
+                      f"the end of the file ({end:,} bytes): the file is cut short or damaged")
 
 
 @functools.cache

@@ -52,10 +52,13 @@ def test_reader_reads_what_the_library_reads(smol_file, tmp_path):
     for a, b in zip(ours.tensors, theirs.tensors):
         assert (a.name, a.tensor_type, a.n_bytes, a.data_offset) == (b.name, b.tensor_type, b.n_bytes, b.data_offset)
         assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
-    cut = tmp_path / "cut.gguf"  # a file cut short fails in both
+    cut = tmp_path / "cut.gguf"  # a file cut short in its vocabulary fails in both, ours saying where
     cut.write_bytes(smol_file.read_bytes()[: 2**20])
-    failures = _failures(cut)
-    assert failures[0] == failures[1]
+    merges = theirs.fields["tokenizer.ggml.merges"]  # its value: after the key's length, key and type
+    at, count = merges.offset + 8 + len(merges.name) + 4, len(merges.data)
+    ours, theirs = _failures(cut)
+    assert ours == (ValueError, f"the metadata array of {count:,} string values at byte {at:,} runs past the end of "
+                                "the file (1,048,576 bytes): the file is cut short or damaged") and theirs[0] is IndexError
     assert gguf_reading.kept() == 0
 
 
@@ -94,7 +97,8 @@ EVERY_KIND = [  # every value type, as a field and as an array's elements, and t
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
 def test_every_kind_of_field_reads_as_the_library_reads_it(tmp_path, order):
     """Strings, numbers of every type, arrays of each (empty, of strings, nested), in both byte
-    orders: the same fields, parts and types; cut short anywhere in an array, the same error."""
+    orders: the same fields, parts and types. Cut short anywhere in an array, both fail, this
+    reader saying which array runs past the end."""
     path = tmp_path / "kinds.gguf"
     data = _gguf_bytes(order, EVERY_KIND)
     path.write_bytes(data)
@@ -105,10 +109,26 @@ def test_every_kind_of_field_reads_as_the_library_reads_it(tmp_path, order):
     strings = data.index("\u00fcber".encode())  # cut in a string's length, in its bytes
     last = data.index("\u2581the".encode()) + 2  # in the array's last string
     numbers = data.index(b"array.6") + 7 + 4 + 12 + 6  # in the second float of an array
-    for cut_at in (strings - 3, strings + 2, last, numbers):
+    for cut_at, array in ((strings - 3, "5 string"), (strings + 2, "5 string"), (last, "5 string"), (numbers, "3 float32")):
         path.write_bytes(data[:cut_at])
-        failures = _failures(path)
-        assert failures[0] == failures[1], cut_at
+        mine, library = _failures(path)
+        assert mine[0] is ValueError and mine[1].startswith(f"the metadata array of {array} values at byte "), cut_at
+        assert f"runs past the end of the file ({cut_at:,} bytes)" in mine[1] and library[0] in (ValueError, IndexError)
+
+
+@pytest.mark.parametrize("count", [10**6, 2**62])
+def test_a_damaged_array_count_fails_at_once(tmp_path, count):
+    """An array whose count is damaged, in a file that ends right after its elements: the
+    library's reader walks the count element by element past the end (17 s and no error for a
+    million, for ever for more); this one refuses it at once."""
+    data = bytearray(_gguf_bytes("<", [("general.architecture", 8, "llama"), ("array.4", 9, (4, [1, 2, 3]))]))
+    at = data.index(b"array.4") + 7 + 4 + 4  # the element count, after the key and the two types
+    data[at : at + 8] = struct.pack("<Q", count)
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"^the metadata array of {count:,} uint32 values at byte .* runs past the end"):
+        gguf_reading.reader_class()(path)
+    assert gguf_reading.kept() == 0
 
 
 def _outcome(parse, value, types) -> tuple:

@@ -154,9 +154,9 @@ _INTS, _FLOATS = frozenset((0, 1, 2, 3, 4, 5, 10, 11)), frozenset((6, 12))
 def _fast_parse(original):
     """transformers' ``_gguf_parse_value`` (``original``) for one value of a field: the same value,
     with a string's bytes decoded in one call and a number converted directly (the original first
-    makes a Python list of the string's numpy bytes: 0.7 s of SmolLM2's header, 2.5 s of Gemma-3's, per parse, and a load
-    parses the values three times). What it does not know (an array type without its element
-    type, nested arrays) is the original's, errors included."""
+    makes a Python list of the string's numpy bytes: 0.7 s of SmolLM2's header, 2.5 s of
+    Gemma-3's, per parse, and a load parses the values three times). What it does not know (an
+    array type without its element type, nested arrays) is the original's, errors included."""
 
     def parse(value, data_type):
         types = data_type if isinstance(data_type, list) else [data_type]

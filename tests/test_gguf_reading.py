@@ -58,7 +58,7 @@ def test_reader_reads_what_the_library_reads(smol_file, tmp_path):
     at, count = merges.offset + 8 + len(merges.name) + 4, len(merges.data)
     ours, theirs = _failures(cut)
     assert ours == (ValueError, f"the metadata array of {count:,} string values at byte {at:,} runs past the end of "
-                                "the file (1,048,576 bytes): the file is cut short or damaged") and theirs[0] is IndexError
+                                "the file (1,048,576 bytes): the file is cut short or damaged") and theirs[0] in (ValueError, IndexError)
     assert gguf_reading.kept() == 0
 
 

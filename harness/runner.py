@@ -11,6 +11,7 @@ are scored (resume.py), so a rerun of a killed run continues where it stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -22,7 +23,7 @@ from .batching import choose_batch_size
 from .config import RunConfig
 from .distributed import Distributor
 from .errors import HarnessError, HarnessWarning
-from .models import adds_bos, load_model, load_tokenizer, max_positions
+from .models import adds_bos, load_model, load_tokenizer, max_positions, vocabulary_rows
 from .record import Result
 from .results import WINDOWS, write_frame, write_record, write_table
 from .resume import ResumeLog, interrupted, is_padding, padding, positions_of, recorder, remaining
@@ -53,6 +54,31 @@ def _check_writable(root: Path) -> None:
                 folder.rmdir()
             except OSError:
                 break
+
+
+def _check_token_ids(cfg: RunConfig, model, streams, dist) -> None:
+    """Every token id of the corpus (every rank's share) is a row of the model's vocabulary: a
+    tokenizer larger than the model's vocabulary failed in the embedding, mid-run."""
+    rows = vocabulary_rows(model)
+    top = max(dist.gather([max((int(s.ids.max()) for s in streams if len(s)), default=-1)]))
+    if top >= rows:
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+        raise HarnessError(f"{key}: the tokenizer gives token id {top:,}, but the model's vocabulary has {rows:,} rows; "
+                           "use the tokenizer the model was trained with")
+
+
+def _check_finite(rec: dict, log, vocabulary: int) -> None:
+    """A perplexity past float64's range (a mean NLL above 709 nats) makes a record no view can
+    read: said in one line instead, and the run's resume log removed (nothing is written)."""
+    if math.isfinite(rec["perplexity"]):
+        return
+    if log:
+        log.close(delete=True)
+        with contextlib.suppress(OSError):
+            log.dir.parent.rmdir()  # the run's folder, made for the log alone (left where it holds anything)
+    raise HarnessError(f"the mean NLL is {rec['nll_mean']:,.1f} nats per token, so the perplexity overflows float64: "
+                       f"a broken model (a uniform guess over its {vocabulary:,}-token vocabulary gives "
+                       f"{math.log(vocabulary):.1f}); check the model's weights and model.dtype")
 
 
 def _merge(dist, records, positions, done, windows, settings, streams):
@@ -184,6 +210,7 @@ def run(
     t_corpus = time.perf_counter()
 
     model = model or load_model(cfg.model, device=None if cfg.model.device_map else dist.device)
+    _check_token_ids(cfg, model, streams, dist)
     settings = protocols.resolve_windows(cfg, corpus_settings, max_positions(model))
     windows = protocols.plan_streams(settings, streams)
     prec = _precision(cfg, model, windows, dist.is_main)
@@ -225,6 +252,7 @@ def run(
         result.samples = samples_frame(records, streams, tokenizer)
         rec["conditional"] = conditional_section(result.samples, settings.format)
 
+    _check_finite(rec, log, vocabulary_rows(model))
     if write and dist.is_main:
         _write(result, run_dir, cfg, tokens_out)
     if log:

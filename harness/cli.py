@@ -144,6 +144,8 @@ def table_cmd(results: Path = typer.Argument(Path("results"), help="Results fold
     """Rebuild results/table.csv and table.md from every record, and print it."""
     from .results import write_table
 
+    if results.exists() and not results.is_dir():
+        _fail(f"{results} is a file, not a results folder; give the folder the runs wrote (output.dir)")
     if not results.is_dir():
         _fail(f"results folder not found: {results}")
     csv_path, md_path = write_table(results)
@@ -214,7 +216,7 @@ def compare_cmd(
     bits_per_byte: bool = typer.Option(False, "--bits-per-byte", help="Compare bits per byte; allows different tokenizers."),
     plot: bool = typer.Option(False, "--plot", help="Also draw compare.png: perplexity per run with its 95% interval."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Where compare.csv/.md/.png go (default: beside the records)."),
-    samples: int = typer.Option(1000, min=1, help="Bootstrap resamples for the paired test."),
+    samples: int = typer.Option(1000, min=1, max=1_000_000, help="Bootstrap resamples for the paired test."),
     seed: int = typer.Option(0, min=0, help="Bootstrap seed."),
     kl: bool = typer.Option(False, "--kl", help="All KL statistics of KL-mode records (median, p90, p99, max, RMS dp, PPL ratio)."),
 ):

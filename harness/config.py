@@ -28,8 +28,20 @@ PROTOCOLS = get_args(Protocol)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
+def _takes_bool(annotation) -> bool:
+    return annotation is bool or annotation is Any or any(_takes_bool(a) for a in get_args(annotation))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        # pydantic reads true as 1 for an integer: eval.batch_size=true ran one window per batch
+        if isinstance(v, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number or a name, not true/false")
+        return v
 
 
 class ModelConfig(_Section):
@@ -63,7 +75,7 @@ class ModelConfig(_Section):
     random_init: bool = Field(
         False, description="Random weights: name_or_path is a model config .json (e.g. configs/models/llama-3-8b.json); needs tokenizer."
     )
-    seed: int = Field(0, description="Seed of the random weights (random_init), drawn on the CPU in float32.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of the random weights (random_init), drawn on the CPU in float32.")
 
     @model_validator(mode="after")
     def _random_init(self) -> "ModelConfig":
@@ -179,8 +191,10 @@ class EvalConfig(_Section):
         "auto",
         description="Compile the decoder layers: true, false, or auto (when a compiled package is cached for the model, or the run plans >= 65,536 window tokens; see harness/compiled.py).",
     )
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval (0: normal approximation only).")
-    seed: int = 0
+    bootstrap: int = Field(
+        1000, ge=0, le=1_000_000, description="Bootstrap resamples for the 95% interval (0: normal approximation only)."
+    )
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed of the bootstrap's resampling.")
     rescale_tokens: int | None = Field(
         None, gt=0, description="Also report exp(sum_nll / N) for this original token count N (GPT-2 paper style)."
     )
@@ -218,9 +232,9 @@ class OutputConfig(_Section):
             return v
         if not v.strip():
             raise ValueError("must be a non-empty folder name")
-        if "/" in v or "\\" in v or "\0" in v or v.startswith(".") or v != v.strip():
+        if "/" in v or "\\" in v or "\0" in v or v.startswith(".") or any(c.isspace() for c in v):
             raise ValueError(
-                "must be a folder name, not a path: no '/', '\\', NUL, '..', leading dot or surrounding spaces "
+                "must be a folder name, not a path: no '/', '\\', NUL, '..', leading dot or spaces "
                 "(use --output-dir to write elsewhere)"
             )
         return v
@@ -323,8 +337,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError([f"override '{printable(item)}': empty key part"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
+        value = safe_load_unique(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as err:
+        if "given twice" in str(getattr(err, "problem", "")):
+            raise ConfigError([f"override '{printable(item)}': {err.problem}"]) from None
         value = raw
     return parts, value
 
@@ -344,8 +360,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             elif not isinstance(nxt, dict):
                 raise ConfigError([f"override '{printable(item)}': {printable(part)} is not a section"])
             node = nxt
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _merge_into(node[parts[-1]], value)  # eval={max_length: 8} sets one key, keeps the file's others
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _merge_into(node: dict, value: dict) -> None:
+    for key, item in value.items():
+        if isinstance(item, dict) and isinstance(node.get(key), dict):
+            _merge_into(node[key], item)
+        else:
+            node[key] = item
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding one key twice (YAML keeps the last,
+    silently: ``stride: 8`` then ``stride: 16`` ran with 16)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one",
+                    key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load``, refusing a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def validate(data: Any, source: str | None = None) -> RunConfig:
@@ -362,12 +410,13 @@ def read_yaml(path: str | Path) -> dict:
     p = existing_file(path, "config", "config file", "check the path; shipped configs are under configs/")
     with reading(p, "config", "YAML config file", "save the file as UTF-8 YAML"):
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            data = safe_load_unique(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or "not valid YAML"
-            raise ConfigError([f"YAML does not parse{where}: {problem} (fix the syntax)"], str(p)) from None
+            fix = "" if "given twice" in problem else " (fix the syntax)"
+            raise ConfigError([f"YAML does not parse{where}: {problem}{fix}"], str(p)) from None
     return data if data is not None else {}
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ModelConfig, RunConfig, _format_errors
+from .config import ModelConfig, RunConfig, _format_errors, safe_load_unique
 from .errors import ConfigError, HarnessError
 from .files import reading
 from .models import ModelPool, model_key
@@ -101,11 +101,13 @@ def _read_entry(f: Traversable) -> Entry:
         raise HarnessError(f"reproduce: {f} is a folder, not an entry; an entry is a YAML file (rename or move the folder)")
     with reading(str(f), "reproduce", "registry entry", ENTRY_FIX):
         try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            data = safe_load_unique(f.read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError([f"YAML does not parse{where} (fix the syntax)"], str(f)) from None
+            problem = getattr(err, "problem", None) or ""
+            fix = f": {problem}" if "given twice" in problem else " (fix the syntax)"
+            raise ConfigError([f"YAML does not parse{where}{fix}"], str(f)) from None
         try:
             return Entry.model_validate(data)
         except ValidationError as err:

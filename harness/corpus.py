@@ -220,7 +220,7 @@ def _read_text_file(path: Path) -> str:
     with reading(path, "corpus.path", "text file", _FIX["text"]):
         data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark is not text (a .jsonl's is dropped too)
     except UnicodeDecodeError as err:
         raise HarnessError(
             f"corpus.path: {path} is not UTF-8 text (invalid byte 0x{data[err.start]:02x} at byte offset {err.start}); {_FIX['text']}"
@@ -258,7 +258,7 @@ def _parquet_rows(path: Path, cfg: CorpusConfig) -> Iterator[dict]:
 def _jsonl_rows(path: Path) -> Iterator[dict]:
     """Rows of a JSONL file line by line; a bad line is named by its number."""
     n = 0
-    with reading(path, "corpus.path", "JSONL file", _FIX["jsonl"]), open(path, encoding="utf-8") as lines:
+    with reading(path, "corpus.path", "JSONL file", _FIX["jsonl"]), open(path, encoding="utf-8-sig") as lines:
         try:
             for n, line in enumerate(lines, 1):
                 if line.strip():
@@ -317,12 +317,27 @@ def iter_documents(cfg: CorpusConfig, settings=None, src: Source | None = None) 
     used (for reading a corpus outside a run)."""
     name = settings.detokenizer if settings is not None else (cfg.detokenizer or "none")
     detok = DETOKENIZERS[name]
-    for row in iter_rows(cfg, src):
+    for n, row in enumerate(iter_rows(cfg, src)):
         text = row[cfg.text_field]
         if not isinstance(text, str):
-            raise HarnessError(f"corpus.text_field: '{cfg.text_field}' holds {type(text).__name__}, not text; name a text column")
-        domain = str(row.get(cfg.domain_field)) if cfg.domain_field else None
-        yield Document(detok(text) if detok else text, text, domain)
+            raise HarnessError(f"corpus.text_field: '{cfg.text_field}' in row {n} holds {type(text).__name__}, not text; "
+                               "fix that row, or name the text column")
+        yield Document(detok(text) if detok else text, text, _domain(cfg, row, n))
+
+
+def _domain(cfg: CorpusConfig, row: dict, n: int) -> str | None:
+    """Row ``n``'s domain (``corpus.domain_field``): a name, never a stand-in (a missing field or
+    a null had made a domain called 'None' that held every such document)."""
+    if not cfg.domain_field:
+        return None
+    if cfg.domain_field not in row:
+        raise HarnessError(f"corpus.domain_field: field '{cfg.domain_field}' not found in row {n}; available fields: "
+                           f"{', '.join(map(str, row))}")
+    domain = row[cfg.domain_field]
+    if not isinstance(domain, str):
+        raise HarnessError(f"corpus.domain_field: '{cfg.domain_field}' in row {n} holds {type(domain).__name__}, not a "
+                           "domain name; give every row a domain name")
+    return domain
 
 
 def load_documents(cfg: CorpusConfig, settings=None, src: Source | None = None) -> list[Document]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import HarnessError
@@ -36,10 +37,15 @@ def _kind(err: BaseException) -> str:
 
 def existing_file(path: str | Path, key: str, what: str = "file", fix: str = "check the path") -> Path:
     """``path`` as a Path, if it names a readable regular file; else one line naming the problem."""
+    if not str(path).strip():
+        raise HarnessError(f"{key}: the path is empty; give a {what}")
     p = Path(path).expanduser()
     if p.is_dir():
         raise HarnessError(f"{key}: {p} is a folder, not a {what}; give the {what} itself")
     if not p.exists():
+        if p.is_symlink():  # a link whose target is missing, or a loop of links
+            raise HarnessError(f"{key}: {p} is a link that leads to no file (its target is missing, or links loop); "
+                               f"give the {what} itself")
         raise HarnessError(f"{key}: {what} not found: {p} ({fix})")
     if not p.is_file():
         raise HarnessError(f"{key}: {p} is not a regular file; give a {what}")
@@ -146,3 +152,8 @@ def writable_folder(folder: Path, flag: str = "-o", target: Path | None = None) 
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "a file, not a folder" if existing is not None and not existing.is_dir() else "not a writable folder"
         raise HarnessError(f"cannot write {target or folder}: {existing or folder} is {what}; choose another {flag}")
+    try:  # os.access says yes to root everywhere, /proc and /sys included: make (and remove) a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".ppl-probe-", dir=existing))
+    except OSError as err:
+        raise HarnessError(f"cannot write {target or folder}: {existing} is not a writable folder "
+                           f"({err.strerror or type(err).__name__}); choose another {flag}") from None

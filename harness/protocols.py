@@ -59,12 +59,13 @@ context (``S`` is the piece length of a target longer than the window, default `
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 from . import windows as W
 from .config import RunConfig
-from .errors import HarnessError
+from .errors import HarnessError, HarnessWarning
 from .windows import BosPolicy, Window
 
 
@@ -212,6 +213,11 @@ def resolve_windows(cfg: RunConfig, corpus: CorpusSettings, model_max: int | Non
         )
     bos = BosPolicy(corpus.bos)
     stride = cfg.eval.stride or preset.stride(L)
+    if preset.name != "sliding" and corpus.format == "text" and stride != preset.stride(L):
+        # the planner never reads S: recorded, it made runs of the same windows look incomparable
+        warnings.warn(f"eval.stride: the {preset.name} protocol's windows do not slide; eval.stride={stride} is not "
+                      f"used (recorded as {preset.stride(L)})", HarnessWarning, stacklevel=2)
+        stride = preset.stride(L)
     if preset.name == "sliding":
         stride = min(stride, L - 1) if bos == BosPolicy.EVERY and cfg.eval.stride is None else stride
     if corpus.format != "text":  # the piece length of a target longer than the window (plan_targets)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .config import RunConfig, load_config, parse_override, printable
 from .errors import HarnessError
+from .files import writable_folder
 from .results import atomic_write_text, table_row
 
 POSITION_BINS = 32
@@ -122,6 +123,7 @@ def _check_dir(root: Path) -> None:
     if root.exists() and any(root.iterdir()):
         raise HarnessError(f"sweep folder {printable(root)} is not empty (it holds an earlier sweep's runs); "
                            "remove it or choose another --output-dir")
+    writable_folder(root, "--output-dir")  # before any model loads
 
 
 def _check_lengths(points: list[SweepPoint], model=None) -> None:

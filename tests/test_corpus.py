@@ -180,3 +180,40 @@ def test_cli_damaged_mirror_parquet_is_one_line(tmp_path, tiny, content):
     assert_one_line_error(proc, "corpus.dataset", str(split), "not a valid Parquet file", "copy it again")
     assert "Failed to read schema" not in proc.stderr + proc.stdout, proc.stderr
     assert_nothing_written(results)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_every_row_names_its_domain(tmp_path, streaming):
+    """corpus.domain_field: a row without it, or with a null, a number or a list, is named (a
+    JSONL file had put such rows in domains called 'None', '3', "['a', 'b']"; a typo of the
+    field, every row in 'None')."""
+    def fails(rows: list[dict], field: str, needle: str) -> None:
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(HarnessError) as err:
+            load_documents(CorpusConfig(path=str(path), domain_field=field, streaming=streaming))
+        assert str(err.value) == needle
+
+    news = {"text": "a b", "domain": "news"}
+    fails([news, {"text": "c"}], "domain", "corpus.domain_field: field 'domain' not found in row 1; available fields: text")
+    fails([news], "domian", "corpus.domain_field: field 'domian' not found in row 0; available fields: text, domain")
+    for value, kind in ((None, "NoneType"), (3, "int"), (["a", "b"], "list")):
+        fails([news, {"text": "c", "domain": value}], "domain",
+              f"corpus.domain_field: 'domain' in row 1 holds {kind}, not a domain name; give every row a domain name")
+    fails([news, {"text": None}], "domain",
+          "corpus.text_field: 'text' in row 1 holds NoneType, not text; fix that row, or name the text column")
+    pq.write_table(pa.table({"text": ["a", "b"], "domain": ["news", None]}), tmp_path / "d.parquet")
+    with pytest.raises(HarnessError, match="'domain' in row 1 holds NoneType"):
+        load_documents(CorpusConfig(path=str(tmp_path / "d.parquet"), domain_field="domain", streaming=streaming))
+    (tmp_path / "d.jsonl").write_text(json.dumps(news) + "\n")
+    assert [d.domain for d in load_documents(CorpusConfig(path=str(tmp_path / "d.jsonl"), domain_field="domain"))] == ["news"]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 byte-order mark opening a .txt file was scored as text (and counted as 3 bytes);
+    one opening a .jsonl file failed its first line. Both are dropped."""
+    text = "The quick brown fox. " * 3
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps({"text": text}) + "\n").encode())
+    for name in ("bom.txt", "bom.jsonl"):
+        assert [d.text for d in load_documents(CorpusConfig(path=str(tmp_path / name)))] == [text], name

@@ -317,3 +317,33 @@ def test_bad_resume_log_is_one_line(tmp_path, tiny, tiny_corpus, damage, needle,
     check_error(code, err, "resume log:", str(log), needle, "to start the run over")
     assert log.read_bytes() == content  # the damaged log is left as it was, for the user to look at
     assert [p for p in files_under(tmp_path / "results") if p != log] == []
+
+
+def test_outputs_on_filesystems_that_refuse_writes_are_checked_first(tiny, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """os.access says yes to root under /proc and /sys, where making a folder fails: each output
+    is tried before the first file is written (the report page had been written, then its
+    screenshot failed with a traceback; compare's and positions' -o the same)."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tiny[0], tiny_corpus, bootstrap=0))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert run_main(["run", str(cfg), "--output-dir", str(out)], capsys, monkeypatch)[0] == 0
+    page = tmp_path / "page.html"
+    cases = [
+        (["compare", *map(str, runs), "-o", "/proc/ppl-test/out"], "cannot write /proc/ppl-test/out: /proc is not a writable folder"),
+        (["positions", str(runs[0]), "-o", "/proc/ppl-test/p.png"], "cannot write /proc/ppl-test/p.png: /proc is not a writable folder"),
+        (["report", str(runs[0]), "-o", str(page), "--screenshot", "/proc/ppl-test/s.png"], "choose another --screenshot"),
+        (["sweep", str(cfg), "eval.stride=8,16", "-o", "/proc/ppl-test/sweep"], "choose another --output-dir"),
+    ]
+    for args, needle in cases:
+        check_error(*run_main(args, capsys, monkeypatch), needle)
+    assert not page.exists()
+
+
+def test_paths_that_lead_nowhere_are_named(tiny, tiny_corpus, tmp_path, capsys, monkeypatch):
+    """A corpus path that is a loop of links, and a results folder that is a file."""
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tiny[0], tmp_path / "loop-a"))
+    check_error(*run_main(["run", str(cfg), "--output-dir", str(tmp_path / "out")], capsys, monkeypatch),
+                f"corpus.path: {tmp_path / 'loop-a'} is a link that leads to no file (its target is missing, or links loop)")
+    check_error(*run_main(["table", str(cfg)], capsys, monkeypatch), f"{cfg} is a file, not a results folder")

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from harness.config import validate
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
 from harness.runner import run
 
 from .conftest import WIKITEXT, tiny_config
@@ -334,3 +334,19 @@ def test_lm_eval_counts_follow_documents_past_an_empty_one(tiny, tmp_path):
     res = _run(cfg, model, tok)
     w = res.windows.groupby("doc")[["words", "bytes"]].sum()
     assert [tuple(w.loc[d]) for d in sorted(w.index)] == [lm_eval_counts(p) for p in pages[1:]]
+
+
+@pytest.mark.parametrize("protocol", ["gptq", "llamacpp", "lm-eval", "paloma"])
+def test_a_stride_the_protocol_does_not_use_is_not_recorded(tiny, tiny_corpus, protocol):
+    """Only the sliding preset's windows slide: elsewhere eval.stride was recorded (and hashed)
+    for windows it did not shape, and ``ppl compare`` refused two runs of the same windows. It
+    is named in one warning and recorded as the protocol's own."""
+    folder, model, tok = tiny
+    cfg = tiny_config(folder, tiny_corpus, protocol=protocol, max_length=32, bootstrap=0)
+    plain = _run({**cfg, "eval": {k: v for k, v in cfg["eval"].items() if k != "stride"}}, model, tok)
+    with pytest.warns(HarnessWarning) as caught:
+        strided = _run(cfg, model, tok)  # tiny_config's stride: 16
+    assert [str(w.message) for w in caught] == [
+        f"eval.stride: the {protocol} protocol's windows do not slide; eval.stride=16 is not used (recorded as 32)"]
+    assert strided["protocol"] == plain["protocol"] and strided["protocol"]["stride"] == 32
+    assert (strided["sum_nll"], strided.scored_tokens) == (plain["sum_nll"], plain.scored_tokens)

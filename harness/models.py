@@ -143,7 +143,7 @@ def _from_pretrained(auto_class, src: ModelSource, kwargs: dict):
                 if refused is None:
                     raise
                 raise refused from None
-    except (OSError, ValueError, RuntimeError, *_config_refusals()) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, *_config_refusals()) as err:
         first = _why(err)
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
         raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
@@ -166,6 +166,8 @@ def _config_refusals() -> tuple:
 def _why(err: BaseException) -> str:
     """The first line of what went wrong (of its cause, for a strict-dataclass error wrapping it)."""
     cause = err.__cause__ if isinstance(err, _config_refusals()) and isinstance(err.__cause__, Exception) else err
+    if isinstance(cause, KeyError):  # a name transformers has no entry for: hidden_act: "no-such-act"
+        return f"its config.json names {files.first_line(cause, 200)}, which transformers does not know"
     zero = " (a size of 0?)" if isinstance(cause, ZeroDivisionError) else ""
     return files.first_line(cause, 300).rstrip(".") + zero
 

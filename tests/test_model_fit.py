@@ -63,6 +63,11 @@ def test_a_config_no_model_can_be_built_from_is_one_line(tiny, tiny_corpus, tmp_
     assert "describes no model transformers can build" in line and needle in line, line
 
 
+def test_a_config_naming_an_unknown_activation_is_one_line(tiny, tiny_corpus, tmp_path, capsys, monkeypatch):
+    line = _run(tmp_path, _variant(tiny, tmp_path, hidden_act="no-such-act"), tiny_corpus, capsys, monkeypatch)
+    assert line.endswith("its config.json names 'no-such-act', which transformers does not know"), line
+
+
 def _random_init_config(tmp_path: Path, tokenizer: Path, corpus: Path, **changes) -> Path:
     shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,

@@ -209,11 +209,20 @@ def test_entries_differing_only_in_quantize_get_their_own_models(tmp_path, tiny,
     assert math.isclose(rows["a-int8"].got, again, rel_tol=1e-9)
 
 
-def test_one_failing_entry_is_marked_and_the_others_run(tmp_path, tiny, tiny_corpus):
-    """A model folder whose config.json does not fit its weights makes transformers raise a
-    RuntimeError (not a harness error): that entry is 'error' with the one-line reason, the
-    entry after it still runs, and the command exits 1 at the end."""
+@pytest.mark.parametrize("failure", ["harness", "other"])
+def test_one_failing_entry_is_marked_and_the_others_run(tmp_path, tiny, tiny_corpus, monkeypatch, failure):
+    """An entry that fails is 'error' with a one-line reason, the entry after it still runs, and
+    the command exits 1 at the end: a model folder whose config.json does not fit its weights (a
+    harness error, naming them), and an exception of any other kind (a bug's: injected, as no
+    input makes one on purpose)."""
+    from harness import reproduce
+
     from .conftest import tiny_config
+
+    if failure == "other":
+        real = reproduce._run_entry
+        monkeypatch.setattr(reproduce, "_run_entry", lambda name, *a: (_ for _ in ()).throw(RuntimeError("boom\nmore"))
+                            if name == "broken" else real(name, *a))
 
     folder, _, _ = tiny
     good, broken = tmp_path / "b-good-model", tmp_path / "a-broken-model"  # the broken one runs first
@@ -229,7 +238,8 @@ def test_one_failing_entry_is_marked_and_the_others_run(tmp_path, tiny, tiny_cor
     assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
     assert out.exit_code == 1, out.output
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.strip().strip("|").split("|")] for l in out.output.splitlines() if l.startswith("|")}
-    assert rows["broken"][6] == "error" and rows["broken"][8].startswith("RuntimeError: ")
+    reason = "RuntimeError: boom" if failure == "other" else "model.name_or_path: the weights in "
+    assert rows["broken"][6] == "error" and rows["broken"][8].startswith(reason), rows["broken"]
     assert "\n" not in rows["broken"][8]
     assert rows["good"][6] == "ok" and float(rows["good"][3]) > 1
 

@@ -82,7 +82,7 @@ def _folder(path: Path) -> None:
 
 @pytest.mark.parametrize("hurt, needle", [
     (lambda p: p.write_text("[1, 2]"), "is not a valid result record (a JSON list, not an object)"),
-    (_dangling, "result record not found"),
+    (_dangling, "is a link that leads to no file (its target is missing, or links loop)"),
     (_folder, "is a folder, not a result record"),
 ])
 def test_table_skips_a_damaged_record_with_a_warning(copy, hurt, needle):

@@ -167,7 +167,7 @@ def _why(err: BaseException) -> str:
     """The first line of what went wrong (of its cause, for a strict-dataclass error wrapping it)."""
     cause = err.__cause__ if isinstance(err, _config_refusals()) and isinstance(err.__cause__, Exception) else err
     if isinstance(cause, KeyError):  # a name transformers has no entry for: hidden_act: "no-such-act"
-        return f"its config.json names {files.first_line(cause, 200)}, which transformers does not know"
+        return f"the model's config names {files.first_line(cause, 200)}, which transformers does not know"
     zero = " (a size of 0?)" if isinstance(cause, ZeroDivisionError) else ""
     return files.first_line(cause, 300).rstrip(".") + zero
 

@@ -70,8 +70,8 @@ def _check_token_ids(cfg: RunConfig, model, streams, dist) -> None:
 def _check_finite(rec: dict, log, vocabulary: int) -> None:
     """A perplexity past float64's range (a mean NLL above 709 nats) makes a record no view can
     read: said in one line instead, and the run's resume log removed (nothing is written)."""
-    if math.isfinite(rec["perplexity"]):
-        return
+    if rec.get("perplexity") is None or math.isfinite(rec["perplexity"]):
+        return  # (None: nothing was scored, which the record says as it is)
     if log:
         log.close(delete=True)
         with contextlib.suppress(OSError):

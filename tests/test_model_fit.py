@@ -65,7 +65,7 @@ def test_a_config_no_model_can_be_built_from_is_one_line(tiny, tiny_corpus, tmp_
 
 def test_a_config_naming_an_unknown_activation_is_one_line(tiny, tiny_corpus, tmp_path, capsys, monkeypatch):
     line = _run(tmp_path, _variant(tiny, tmp_path, hidden_act="no-such-act"), tiny_corpus, capsys, monkeypatch)
-    assert line.endswith("its config.json names 'no-such-act', which transformers does not know"), line
+    assert line.endswith("the model's config names 'no-such-act', which transformers does not know"), line
 
 
 def _random_init_config(tmp_path: Path, tokenizer: Path, corpus: Path, **changes) -> Path:

@@ -221,8 +221,13 @@ def test_one_failing_entry_is_marked_and_the_others_run(tmp_path, tiny, tiny_cor
 
     if failure == "other":
         real = reproduce._run_entry
-        monkeypatch.setattr(reproduce, "_run_entry", lambda name, *a: (_ for _ in ()).throw(RuntimeError("boom\nmore"))
-                            if name == "broken" else real(name, *a))
+
+        def run_entry(name, *args):
+            if name == "broken":
+                raise RuntimeError("boom\nmore")
+            return real(name, *args)
+
+        monkeypatch.setattr(reproduce, "_run_entry", run_entry)
 
     folder, _, _ = tiny
     good, broken = tmp_path / "b-good-model", tmp_path / "a-broken-model"  # the broken one runs first

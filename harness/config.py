@@ -1,7 +1,7 @@
 """The typed run configuration: the YAML schema, validated once at load time.
 
-A config names a model, a corpus and an evaluation protocol. It is read with ``yaml.safe_load``,
-changed by dotted ``KEY=VALUE`` overrides, and validated by pydantic with unknown keys rejected.
+A config names a model, a corpus and an evaluation protocol. It is read as safe YAML that refuses a
+key given twice, changed by dotted ``KEY=VALUE`` overrides (both ``overrides.py``), and validated by pydantic with unknown keys rejected.
 Every problem is collected into one ``ConfigError`` whose message names each key at fault.
 
 Fields left ``None`` take the protocol's customary value (see ``protocols.py``), so a config says
@@ -18,8 +18,9 @@ from typing import Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, printable
 from .files import existing_file, reading
+from .overrides import apply_overrides, parse_override, safe_load_unique  # noqa: F401  (re-exported)
 from .windows import BosPolicy
 
 # the one list of protocol names; protocols.PRESETS holds a preset for each (tests/test_layout.py checks)
@@ -278,12 +279,6 @@ def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
 _UNION_TAG = re.compile(r"^(int|str|bool|float|none|literal\[.*\]|function-.*\[.*\]|enum\[.*\])$")
 
 
-def printable(text: object) -> str:
-    """``text`` with control and line-break characters escaped as Python writes them (``\\n``), so a
-    key or value with a newline in it cannot split an error's one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
 def _key_path(loc: tuple) -> tuple[str, ...]:
     """The config keys of an error's location.
 
@@ -326,74 +321,6 @@ def _format_errors(err: ValidationError) -> list[str]:
                 problem += f" (got {e['input']!r})"
         problems.setdefault(key, f"{key}: {printable(problem)}")
     return list(problems.values())
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``eval.stride=512`` -> (['eval', 'stride'], 512); values are YAML scalars or lists."""
-    if "=" not in item:
-        raise ConfigError([f"override '{printable(item)}': expected KEY=VALUE, e.g. eval.stride=512"])
-    key, _, raw = item.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError([f"override '{printable(item)}': empty key part"])
-    try:
-        value = safe_load_unique(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as err:
-        if "given twice" in str(getattr(err, "problem", "")):
-            raise ConfigError([f"override '{printable(item)}': {err.problem}"]) from None
-        value = raw
-    return parts, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set dotted keys in a nested mapping (a copy); missing sections are created."""
-    import copy
-
-    data = copy.deepcopy(data)
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = data
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError([f"override '{printable(item)}': {printable(part)} is not a section"])
-            node = nxt
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            _merge_into(node[parts[-1]], value)  # eval={max_length: 8} sets one key, keeps the file's others
-        else:
-            node[parts[-1]] = value
-    return data
-
-
-def _merge_into(node: dict, value: dict) -> None:
-    for key, item in value.items():
-        if isinstance(item, dict) and isinstance(node.get(key), dict):
-            _merge_into(node[key], item)
-        else:
-            node[key] = item
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping holding one key twice (YAML keeps the last,
-    silently: ``stride: 8`` then ``stride: 16`` ran with 16)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one",
-                    key_node.start_mark)
-            seen.setdefault(key, key_node.start_mark.line + 1)
-        return super().construct_mapping(node, deep)
-
-
-def safe_load_unique(text: str) -> Any:
-    """``yaml.safe_load``, refusing a key given twice in one mapping."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def validate(data: Any, source: str | None = None) -> RunConfig:

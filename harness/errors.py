@@ -26,3 +26,9 @@ class ConfigError(HarnessError):
 class HarnessWarning(UserWarning):
     """Something the user should know that does not stop the run (a fallback, a slow setting);
     the CLI prints it as one line, ``warning: ...``."""
+
+
+def printable(text: object) -> str:
+    """``text`` with control and line-break characters escaped as Python writes them (``\\n``), so a
+    key or value with a newline in it cannot split an error's one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))

@@ -13,6 +13,7 @@ import contextlib
 from pathlib import Path
 
 from . import activation, attention, files, gguf_reading, norm
+from .model_fit import check_weights, config_refusals, load_failure, no_load_report
 from .config import ModelConfig
 from .errors import HarnessError
 from .model_source import ModelSource, check_model_files, check_tokenizer_files, resolve
@@ -81,9 +82,9 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         with _gguf_parse(src, "model.gguf_file", from_gguf):
             return AutoTokenizer.from_pretrained(src.tokenizer, **kwargs)
-    except _config_refusals() as err:  # the folder's config.json, read to pick the tokenizer's class
+    except config_refusals() as err:  # the folder's config.json, read to pick the tokenizer's class
         raise HarnessError(f"model.name_or_path: the config.json in '{src.tokenizer}' describes no model transformers can "
-                           f"build: {_why(err)}; fix config.json") from None
+                           f"build: {load_failure(err)}; fix config.json") from None
     except (OSError, ValueError) as err:  # ValueError: a folder with no tokenizer files transformers can use
         hint = "" if cfg.tokenizer or src.gguf_file else " (give model.tokenizer, or model.gguf_file for a GGUF model)"
         why = " ".join(str(err).split())[:300] or type(err).__name__  # its first line may end in "one of:"
@@ -134,7 +135,7 @@ def _from_pretrained(auto_class, src: ModelSource, kwargs: dict):
     key, a GGUF file that does not parse names the file, anything else the model's folder (a
     config.json with impossible values included); weights that do not fit the config refuse it."""
     try:
-        with _gguf_parse(src, "model.gguf_file"), _no_load_report():
+        with _gguf_parse(src, "model.gguf_file"), no_load_report():
             try:
                 model, info = auto_class.from_pretrained(src.folder, **kwargs, output_loading_info=True,
                                                          ignore_mismatched_sizes=True)
@@ -143,64 +144,14 @@ def _from_pretrained(auto_class, src: ModelSource, kwargs: dict):
                 if refused is None:
                     raise
                 raise refused from None
-    except (OSError, ValueError, RuntimeError, KeyError, *_config_refusals()) as err:
-        first = _why(err)
+    except (OSError, ValueError, RuntimeError, KeyError, *config_refusals()) as err:
+        first = load_failure(err)
         hint = " (set model.allow_pickle: true to load .bin weights)" if "safetensors" in first.lower() else ""
         raise HarnessError(f"model.name_or_path: cannot load a model from '{src.folder}': {first}{hint}") from None
     finally:
         gguf_reading.release()  # the weights are in (or the load failed): unmap the file
-    _check_weights(info, src)
+    check_weights(info, src)
     return model
-
-
-def _config_refusals() -> tuple:
-    """What transformers raises for a config.json whose values cannot make a model (heads that do
-    not divide the hidden size, zero heads): huggingface_hub's strict-dataclass errors, arithmetic."""
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:
-        return (ArithmeticError,)
-    return (ArithmeticError, StrictDataclassError)
-
-
-def _why(err: BaseException) -> str:
-    """The first line of what went wrong (of its cause, for a strict-dataclass error wrapping it)."""
-    cause = err.__cause__ if isinstance(err, _config_refusals()) and isinstance(err.__cause__, Exception) else err
-    if isinstance(cause, KeyError):  # a name transformers has no entry for: hidden_act: "no-such-act"
-        return f"the model's config names {files.first_line(cause, 200)}, which transformers does not know"
-    zero = " (a size of 0?)" if isinstance(cause, ZeroDivisionError) else ""
-    return files.first_line(cause, 300).rstrip(".") + zero
-
-
-@contextlib.contextmanager
-def _no_load_report():
-    """Without transformers' multi-line table of weights missing, unexpected or of another shape
-    (``_check_weights`` turns them into one line and refuses the model)."""
-    import logging
-
-    drop = type("DropLoadReport", (logging.Filter,), {"filter": lambda self, r: "LOAD REPORT" not in str(r.msg)})()
-    logger = logging.getLogger("transformers.modeling_utils")
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-
-
-def _check_weights(info: dict, src: ModelSource) -> None:
-    """Refuse a model whose weights do not fit its config: a weight the model needs and the file
-    lacks would be scored with random values (transformers initialises it and only warns), one the
-    file holds and the model has no place for would be dropped, one of another shape replaced."""
-    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
-    mismatched = sorted(f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in info.get("mismatched_keys") or ())
-    if not (missing or unexpected or mismatched):
-        return
-    parts = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for v, what in
-             ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "of another shape")) if v]
-    key, where, made = (("model.gguf_file", f"{src.folder}/{src.gguf_file}", "its header") if src.gguf_file
-                        else ("model.name_or_path", src.folder, "its config.json"))
-    raise HarnessError(f"{key}: the weights in {where} do not fit the model {made} describes: weights "
-                       f"{'; '.join(parts)}; fix the config or give the weights it was saved with")
 
 
 def load_model(cfg: ModelConfig, device: str | None = None):
@@ -242,9 +193,9 @@ def random_model(cfg: ModelConfig):
         torch.manual_seed(cfg.seed)
         try:
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except (ValueError, RuntimeError, *_config_refusals()) as err:
+        except (ValueError, RuntimeError, *config_refusals()) as err:
             raise HarnessError(f"model.name_or_path: {cfg.name_or_path} describes no model transformers can build: "
-                               f"{_why(err)}; fix the file") from None
+                               f"{load_failure(err)}; fix the file") from None
 
 
 def _random_config(cfg: ModelConfig):
@@ -256,8 +207,8 @@ def _random_config(cfg: ModelConfig):
         raise HarnessError(f"model.name_or_path: random_init needs a model config .json file; not found: {path} (see configs/models/)")
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, *_config_refusals()) as err:
-        raise HarnessError(f"model.name_or_path: {path} is not a model config transformers can read: {_why(err)}") from None
+    except (OSError, ValueError, KeyError, *config_refusals()) as err:
+        raise HarnessError(f"model.name_or_path: {path} is not a model config transformers can read: {load_failure(err)}") from None
     small = [f"{k}: {v}" for k in _SIZES if isinstance(v := getattr(config, k, None), int) and v < 1]
     if small:  # num_hidden_layers: -1 made a model of no layers, and it was scored
         raise HarnessError(f"model.name_or_path: {path} gives {', '.join(small)}; sizes must be at least 1")

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import ModelConfig, RunConfig, _format_errors, safe_load_unique
+from .config import ModelConfig, RunConfig, _format_errors
 from .errors import ConfigError, HarnessError
 from .files import reading
 from .models import ModelPool, model_key
+from .overrides import safe_load_unique
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
